@@ -1,0 +1,1 @@
+"""Masked discrete diffusion: schedules, masking, ELBO loss and the compiled sampler."""

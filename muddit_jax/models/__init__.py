@@ -1,0 +1,1 @@
+"""Networks: MM-DiT generator, VQ tokenizer, CLIP text encoder, tokenizers, shared layers."""

@@ -1,0 +1,1 @@
+"""Mesh construction and the single logical-axis to mesh-axis rules table."""

@@ -1,0 +1,1 @@
+"""PyTorch checkpoint port: loading, key maps, conversion and export."""

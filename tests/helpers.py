@@ -1,0 +1,43 @@
+"""Assertions and fixtures-as-functions shared by the test modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A jax/torch/numpy array as float64 numpy."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual: Any, expected: Any, tol: float = 1e-4, what: str = "output") -> float:
+    """Assert max|actual - expected| <= tol * max(1, max|expected|); returns the relative error."""
+    a, e = to_numpy(actual), to_numpy(expected)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
+    err = float(np.max(np.abs(a - e))) / scale if e.size else 0.0
+    assert err <= tol, f"{what}: max-abs error {err:.3e} (relative to scale {scale:.3g}) > {tol}"
+    return err
+
+
+def logical_axes_of(boxed_params: Any) -> set[str]:
+    """Every logical axis name used by a boxed (``nn.Partitioned``) params tree.
+
+    Raises if any leaf is not annotated.
+    """
+    import flax.linen as nn
+    import jax
+
+    names: set[str] = set()
+    leaves = jax.tree_util.tree_leaves(
+        boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), f"unannotated parameter of shape {leaf.shape}"
+        assert len(leaf.names) == leaf.value.ndim, f"axis names {leaf.names} vs {leaf.value.shape}"
+        names.update(n for n in leaf.names if n is not None)
+    return names
