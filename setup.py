@@ -22,7 +22,7 @@ setup(
         # Porting PyTorch checkpoints and the parity tests. Install torch first with the
         # CPU build you want (pip picks up a locally cached wheel for `torch==2.13.0`).
         "torch": ["torch>=2.1", "diffusers>=0.30", "transformers>=4.40", "tokenizers>=0.19"],
-        "dev": ["pytest>=8", "pytest-xdist>=3"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pycocoevalcap>=1.2"],
     },
     entry_points={
         "console_scripts": [

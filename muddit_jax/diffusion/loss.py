@@ -1,0 +1,223 @@
+"""Muddit's masked-diffusion training objective over image and text tokens (pure, jittable).
+
+Upstream (Muddit ``train/train_unified.py``): per example, cross-entropy summed over the masked
+tokens, divided by the sequence length (``.mean(-1)`` over all positions, unmasked ones count 0),
+divided by the mask ratio ``r`` (floored at 1e-3), averaged over the examples of that task;
+``loss = image_loss + text_loss_weight * text_loss``. Upstream runs T2I and I2T as two forward
+passes on two half-batches; here ``mode="split"`` packs both halves into ONE forward pass.
+
+Interface with the model::
+
+    forward_fn(params, image_ids [b,h,w] i32, text_ids [b,l] i32, timestep [b] f32 in [0,1],
+               micro_conds [b,5]) -> (image_logits [b,h,w,V_img], text_logits [b,l,V_txt])
+
+``timestep`` is the mask ratio ``r`` of the modality being generated (upstream feeds ``r * 1000``
+to a model that multiplies by 1000 again; the model wrapper owns that scaling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from muddit_jax.diffusion.masking import apply_mask, random_mask, sample_mask_ratio
+from muddit_jax.diffusion.schedule import Schedule, get_schedule
+
+Array = jax.Array
+ForwardFn = Callable[[Any, Array, Array, Array, Array], tuple[Array, Array]]
+
+MODES = ("split", "joint")
+WEIGHTINGS = ("muddit", "elbo")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static configuration of :func:`diffusion_loss` (hashable).
+
+    Attributes:
+      image_mask_id: id written into masked image positions (Muddit: ``vocab_size - 1``).
+      text_mask_id: id written into masked text positions (the added ``<mask>`` token).
+      empty_text_ids: the tokenized empty prompt ``(l,)``, used for condition dropout.
+      text_loss_weight: weight of the text term.
+      min_mask_rate: ``r = max(r(u), min_mask_rate)``; upstream default 0.0 (Muddit & Meissonic).
+      mode: ``"split"`` (first half T2I, second half I2T) or ``"joint"`` (both modalities masked
+        at independent times in every example; beyond the paper).
+      weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``) or ``"elbo"`` (exact MDLM weight).
+      schedule: mask-ratio schedule name (see ``schedule.py``).
+      cond_dropout: probability of dropping the text condition of T2I examples.
+      text_pad_is_target: if True every text position (padding included) is maskable/target,
+        which is what upstream does (it masks the whole padded answer region).
+      ratio_floor: floor of ``r`` in the weights (upstream ``clamp(min=1e-3)``).
+    """
+
+    image_mask_id: int
+    text_mask_id: int
+    empty_text_ids: tuple[int, ...] = ()
+    text_loss_weight: float = 0.6
+    min_mask_rate: float = 0.0
+    mode: str = "split"
+    weighting: str = "muddit"
+    schedule: str = "cosine"
+    cond_dropout: float = 0.1
+    text_pad_is_target: bool = False
+    ratio_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        get_schedule(self.schedule)
+
+
+def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+    """Per-example summed CE over ``mask`` and number of correct argmax predictions there.
+
+    ``logits [b, ..., V]``, ``targets``/``mask [b, ...]`` -> ``([b] f32, [b] f32)``.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    tgt = jnp.clip(targets, 0, logits.shape[-1] - 1)[..., None]
+    ce = -jnp.take_along_axis(logp, tgt, axis=-1)[..., 0]
+    correct = jnp.argmax(logits, axis=-1) == targets
+    axes = tuple(range(1, mask.ndim))
+    ce_sum = jnp.where(mask, ce, 0.0).sum(axes)
+    n_correct = (correct & mask).sum(axes).astype(jnp.float32)
+    return ce_sum, n_correct
+
+
+def _weight(u: Array, r: Array, schedule: Schedule, config: LossConfig) -> Array:
+    """Per-example weight multiplying the length-normalised CE: ``[b]``."""
+    if config.weighting == "muddit":
+        return 1.0 / jnp.maximum(r, config.ratio_floor)
+    # Exact NELBO weight at the time of the (possibly clipped) ratio; equals the sampled time
+    # t = 1 - u whenever min_mask_rate did not clip.
+    u_eff = jnp.where(r > schedule.mask_ratio(u), schedule.progress_of_ratio(r), u)
+    return schedule.elbo_weight(1.0 - u_eff, config.ratio_floor)
+
+
+def _masked_mean(x: Array, rows: Array) -> Array:
+    """Mean of ``x [b]`` over rows where ``rows [b]`` is True (0 if none)."""
+    rows = rows.astype(jnp.float32)
+    return (x * rows).sum() / jnp.maximum(rows.sum(), 1.0)
+
+
+def diffusion_loss(
+    *,
+    forward_fn: ForwardFn,
+    params: Any,
+    batch: Mapping[str, Array],
+    rng: Array,
+    config: LossConfig,
+) -> tuple[Array, dict[str, Array]]:
+    """Muddit's unified masked-diffusion loss in one forward pass; returns ``(loss, metrics)``.
+
+    Args:
+      forward_fn: the model, see the module docstring.
+      params: anything ``forward_fn`` takes as its first argument.
+      batch: ``image_ids [b,h,w]`` int, ``text_ids [b,l]`` int, ``text_valid [b,l]`` bool (non-pad),
+        ``micro_conds [b,5]``; optional ``text_maskable [b,l]`` bool overrides which text
+        positions may be masked (e.g. exclude a VQA question prefix).
+      rng: PRNG key (ratios, masks, condition dropout).
+      config: :class:`LossConfig`.
+
+    ``mode="split"`` (``b`` even): rows ``[0, b/2)`` are T2I (image masked at ratio ``r``, text
+    condition clean except condition dropout -> ``empty_text_ids``; text not a target), rows
+    ``[b/2, b)`` are I2T (text masked, clean image as condition, image not a target; upstream
+    applies no dropout to the image condition). ``mode="joint"``: every row masks both modalities
+    at independent ratios; the timestep fed is the image ratio, and condition dropout masks the
+    whole text (``r_text = 1``), which is the unconditional case of a joint model.
+
+    Per example ``i`` and modality ``m`` with length ``L_m`` (``h*w`` or ``l``)::
+
+        loss_m[i] = w(i) * sum_{masked j} -log p(x_j) / L_m
+        w = 1 / max(r, floor)                                  (weighting="muddit")
+        w = -alpha'(t) / max(1 - alpha(t), floor), t = 1 - u     (weighting="elbo", MDLM)
+
+    ``loss_m`` is averaged over the rows where modality ``m`` is generated, and
+    ``loss = image_loss + text_loss_weight * text_loss``. Metrics (scalars): ``loss``,
+    ``image_loss``, ``text_loss``, ``image_acc``/``text_acc`` (argmax accuracy over masked tokens),
+    ``image_mask_ratio``/``text_mask_ratio`` (mean ``r`` over the generating rows).
+    """
+    image_ids = jnp.asarray(batch["image_ids"], jnp.int32)
+    text_ids = jnp.asarray(batch["text_ids"], jnp.int32)
+    text_valid = jnp.asarray(batch["text_valid"], bool)
+    micro_conds = batch["micro_conds"]
+    b, h, w = image_ids.shape
+    l = text_ids.shape[1]
+    schedule = get_schedule(config.schedule)
+
+    k_ui, k_ut, k_mi, k_mt, k_drop = jax.random.split(rng, 5)
+    u_img, r_img = sample_mask_ratio(k_ui, b, schedule=schedule, min_rate=config.min_mask_rate)
+    u_txt, r_txt = sample_mask_ratio(k_ut, b, schedule=schedule, min_rate=config.min_mask_rate)
+    drop = jax.random.uniform(k_drop, (b,)) < config.cond_dropout
+
+    if config.mode == "split":
+        if b % 2:
+            raise ValueError(f"mode='split' needs an even batch, got {b}")
+        img_rows = jnp.arange(b) < b // 2
+        txt_rows = ~img_rows
+        drop = drop & img_rows
+        if config.cond_dropout > 0:
+            if len(config.empty_text_ids) != l:
+                raise ValueError(
+                    f"empty_text_ids has length {len(config.empty_text_ids)}, text length is {l}"
+                )
+            empty = jnp.asarray(config.empty_text_ids, jnp.int32)[None, :]
+            text_ids_cond = jnp.where(drop[:, None], empty, text_ids)
+        else:
+            text_ids_cond = text_ids
+    else:
+        img_rows = txt_rows = jnp.ones((b,), bool)
+        r_txt = jnp.where(drop, 1.0, r_txt)
+        text_ids_cond = text_ids
+
+    if "text_maskable" in batch:
+        maskable = jnp.asarray(batch["text_maskable"], bool)
+    elif config.text_pad_is_target:
+        maskable = jnp.ones((b, l), bool)
+    else:
+        maskable = text_valid
+
+    img_mask = random_mask(k_mi, jnp.ones((b, h * w), bool), r_img).reshape(b, h, w)
+    img_mask = img_mask & img_rows[:, None, None]
+    txt_mask = random_mask(k_mt, maskable, r_txt) & txt_rows[:, None]
+
+    image_in = apply_mask(image_ids, img_mask, config.image_mask_id)
+    text_in = apply_mask(text_ids_cond, txt_mask, config.text_mask_id)
+    timestep = jnp.where(img_rows, r_img, r_txt)
+    image_logits, text_logits = forward_fn(params, image_in, text_in, timestep, micro_conds)
+
+    img_ce, img_correct = _masked_ce(image_logits, image_ids, img_mask)
+    txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
+    img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, schedule, config)
+    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, schedule, config)
+
+    image_loss = _masked_mean(img_loss_i, img_rows)
+    text_loss = _masked_mean(txt_loss_i, txt_rows)
+    loss = image_loss + config.text_loss_weight * text_loss
+    metrics = {
+        "loss": loss,
+        "image_loss": image_loss,
+        "text_loss": text_loss,
+        "image_acc": img_correct.sum() / jnp.maximum(img_mask.sum(), 1),
+        "text_acc": txt_correct.sum() / jnp.maximum(txt_mask.sum(), 1),
+        "image_mask_ratio": _masked_mean(r_img, img_rows),
+        "text_mask_ratio": _masked_mean(r_txt, txt_rows),
+    }
+    return loss, metrics
+
+
+def make_loss_fn(
+    forward_fn: ForwardFn, config: LossConfig
+) -> Callable[[Any, Mapping[str, Array], Array], tuple[Array, dict[str, Array]]]:
+    """``loss_fn(params, batch, rng) -> (loss, metrics)`` for ``value_and_grad(has_aux=True)``."""
+
+    def loss_fn(params: Any, batch: Mapping[str, Array], rng: Array):
+        return diffusion_loss(
+            forward_fn=forward_fn, params=params, batch=batch, rng=rng, config=config
+        )
+
+    return loss_fn

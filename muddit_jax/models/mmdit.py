@@ -1,0 +1,543 @@
+"""Muddit's MM-DiT generator (upstream ``SymmetricTransformer2DModel``) in Flax.
+
+Muddit extends Meissonic's ``Transformer2DModel`` (Flux-style dual/single-stream blocks around a
+UViT conv embedding of VQ image tokens) with a text-decoder head over the text stream, so one
+network predicts both image-token logits and text-token logits. Data flow of ``MMDiT.__call__``:
+
+  cond  = cond_embed([pooled, sinusoid(micro_conds)])           # [b, D]
+  temb  = time_text_embed(1000 t, cond)                          # [b, D]
+  txt   = encoder_proj_layer_norm(context_embedder(text))        # [b, l, D]
+  img   = embed(image_ids) -> down_block -> flatten -> project_to_hidden(_norm)   # [b, n, D]
+  (txt, img) = dual-stream blocks; x = single-stream blocks([txt, img])
+  text_logits  = text_decoder(x[:, :l])                         # [b, l, tokenizer_vocab]
+  image_logits = mlm_layer(up_block(project_from_hidden(_norm)(x[:, l:])))  # [b, h, w, codebook]
+
+This module owns the config, the model and the unrolled <-> scanned parameter layout helpers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from muddit_jax.models import layers
+from muddit_jax.models.embeddings import (
+    NUM_MICRO_CONDS,
+    MLPEmbedding,
+    TimestepTextEmbedding,
+    apply_rope,
+    micro_cond_embedding,
+    rope_cos_sin,
+    rope_ids,
+)
+
+Dtype = Any
+ACT = ("act_batch", "act_len", "act_embed")
+NORM_EPS = 1e-6
+DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
+
+
+@dataclasses.dataclass(frozen=True)
+class MMDiTConfig:
+    """Constructor arguments of upstream ``SymmetricTransformer2DModel`` (its ``config.json``).
+
+    ``patch_size`` and ``in_channels`` are stored but unused (upstream ignores them too);
+    ``block_out_channels`` (the UViT embed width) is always ``inner_dim`` upstream, so it may only
+    be ``None`` or equal to it. ``vocab_size`` = codebook + special ids (mask id =
+    ``vocab_size - 1``); ``tokenizer_vocab_size`` ``None`` = no text head; ``t5_dim`` adds the
+    ``adapter`` (LayerNorm + Linear to ``joint_attention_dim``) in front of ``context_embedder``.
+    """
+
+    patch_size: int = 1
+    in_channels: int = 64
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    vocab_size: int = 8256
+    codebook_size: int = 8192
+    tokenizer_vocab_size: int | None = None
+    t5_dim: int | None = None
+    downsample: bool = False
+    upsample: bool = False
+    block_out_channels: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(
+            a % 2 for a in self.axes_dims_rope
+        ):
+            raise ValueError(
+                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
+                f"{self.attention_head_dim}"
+            )
+        if self.pooled_projection_dim != self.inner_dim:
+            raise ValueError(
+                f"pooled_projection_dim ({self.pooled_projection_dim}) must equal "
+                f"num_attention_heads * attention_head_dim ({self.inner_dim}): upstream feeds "
+                "cond_embed's output (width inner_dim) to time_text_embed.text_embedder"
+            )
+        if self.guidance_embeds:
+            raise ValueError("guidance_embeds=True is not supported (unused upstream)")
+        if self.block_out_channels not in (None, self.inner_dim):
+            raise ValueError(
+                f"block_out_channels={self.block_out_channels} but upstream always embeds at "
+                f"inner_dim={self.inner_dim}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab_size - 1
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any]) -> MMDiTConfig:
+        """Build from an upstream ``config.json`` dict (keys starting with ``_`` are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
+        if unknown:
+            raise ValueError(f"unknown SymmetricTransformer2DModel config keys: {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """Upstream-compatible ``config.json`` dict (without ``_class_name``)."""
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        if d["block_out_channels"] is None:
+            del d["block_out_channels"]
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _ln(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return layers.layer_norm(eps=NORM_EPS, use_scale=False, use_bias=False, dtype=dtype, name=name)
+
+
+class AdaNormZero(nn.Module):
+    """adaLN-zero: ``LN(x) * (1 + scale) + shift``, chunks from ``linear(silu(temb))``.
+
+    ``chunks`` = 6 (dual-stream: shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp) or 3
+    (single-stream: shift, scale, gate). Chunks are ``[b, 1, d]``.
+    """
+
+    chunks: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        d = x.shape[-1]
+        mod = layers.dense(
+            self.chunks * d,
+            ("cond", "embed"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="linear",
+        )(jax.nn.silu(temb))
+        shift, scale, *rest = jnp.split(mod[:, None, :], self.chunks, axis=-1)
+        return _ln(self.dtype, "norm")(x) * (1 + scale) + shift, rest
+
+
+class FeedForward(nn.Module):
+    """``Linear(d, 4d) -> GELU(tanh) -> Linear(4d, d)`` (diffusers ``FeedForward`` gelu-approx.)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.dense(4 * d, ("embed", "mlp"), name="proj_in", **kw)(x)
+        return layers.dense(d, ("mlp", "embed"), name="proj_out", **kw)(layers.gelu_tanh(h))
+
+
+class Attention(nn.Module):
+    """Flux attention with per-head QK RMSNorm and RoPE on the joint sequence ``[text, image]``.
+
+    With ``context`` (dual-stream): ``(img, txt) -> (to_out(img part), to_add_out(txt part))``.
+    Without (single-stream, ``pre_only``): ``x -> attention output [b, s, heads*head_dim]``.
+    """
+
+    heads: int
+    head_dim: int
+    context: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _qkv(self, x: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = self.heads * self.head_dim
+        q, k, v = (
+            layers.dense(width, ("embed", "heads"), name=n, **kw)(x).reshape(
+                *x.shape[:-1], self.heads, self.head_dim
+            )
+            for n in names[:3]
+        )
+        q = layers.rms_norm(eps=NORM_EPS, name=names[3], **kw)(q)
+        k = layers.rms_norm(eps=NORM_EPS, name=names[4], **kw)(k)
+        return [q, k, v]
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None, cos: jax.Array, sin: jax.Array
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        qkv = self._qkv(x, ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
+        if self.context:
+            ctx = self._qkv(
+                context, ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+            )
+            qkv = [jnp.concatenate([c, i], axis=1) for c, i in zip(ctx, qkv, strict=True)]
+        q, k, v = qkv
+        out = jax.nn.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
+        if not self.context:
+            return out
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n_txt = context.shape[1]
+        img = layers.dense(x.shape[-1], ("heads", "embed"), name="to_out", **kw)(out[:, n_txt:])
+        txt = layers.dense(context.shape[-1], ("heads", "embed"), name="to_add_out", **kw)(
+            out[:, :n_txt]
+        )
+        return img, txt
+
+
+class DualStreamBlock(nn.Module):
+    """Flux dual-stream (MM-DiT) block: ``((txt, img), temb, cos, sin) -> ((txt, img), None)``."""
+
+    config: MMDiTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, carry: tuple[jax.Array, jax.Array], temb: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], None]:
+        txt, img = carry
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n_img, (gate, shift2, scale2, gate2) = AdaNormZero(6, name="norm1", **kw)(img, temb)
+        n_txt, (c_gate, c_shift2, c_scale2, c_gate2) = AdaNormZero(6, name="norm1_context", **kw)(
+            txt, temb
+        )
+        a_img, a_txt = Attention(
+            self.config.num_attention_heads,
+            self.config.attention_head_dim,
+            context=True,
+            name="attn",
+            **kw,
+        )(n_img, n_txt, cos, sin)
+        img = img + gate * a_img
+        img = img + gate2 * FeedForward(name="ff", **kw)(
+            _ln(self.dtype, "norm2")(img) * (1 + scale2) + shift2
+        )
+        txt = txt + c_gate * a_txt
+        txt = txt + c_gate2 * FeedForward(name="ff_context", **kw)(
+            _ln(self.dtype, "norm2_context")(txt) * (1 + c_scale2) + c_shift2
+        )
+        txt = nn.with_logical_constraint(txt, ACT)
+        img = nn.with_logical_constraint(img, ACT)
+        return (txt, img), None
+
+
+class SingleStreamBlock(nn.Module):
+    """Flux single-stream block: parallel attention + MLP, fused ``proj_out``, gated residual."""
+
+    config: MMDiTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, temb: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, None]:
+        d, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h, (gate,) = AdaNormZero(3, name="norm", **kw)(x, temb)
+        mlp = layers.gelu_tanh(layers.dense(4 * d, ("embed", "mlp"), name="proj_mlp", **kw)(h))
+        attn = Attention(
+            self.config.num_attention_heads, self.config.attention_head_dim, name="attn", **kw
+        )(h, None, cos, sin)
+        out = layers.dense(d, ("mlp", "embed"), name="proj_out", **kw)(
+            jnp.concatenate([attn, mlp], axis=-1)
+        )
+        return nn.with_logical_constraint(x + gate * out, ACT), None
+
+
+class ConvEmbed(nn.Module):
+    """UViT conv embed: ``embeddings`` (vocab -> D) -> RMSNorm -> 1x1 conv (no bias)."""
+
+    vocab_size: int
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.embed(self.vocab_size, self.dim, name="embeddings", **kw)(ids)
+        x = layers.rms_norm(eps=NORM_EPS, name="layer_norm", **kw)(x)
+        return layers.dense(self.dim, ("conv_in", "conv_out"), use_bias=False, name="conv", **kw)(x)
+
+
+class Downsample(nn.Module):
+    """RMSNorm -> zero-pad bottom/right by 1 -> 2x2 stride-2 conv (diffusers ``Downsample2D``)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.rms_norm(eps=NORM_EPS, name="norm", **kw)(x)
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return layers.conv(x.shape[-1], 2, strides=2, use_bias=False, name="conv", **kw)(x)
+
+
+class Upsample(nn.Module):
+    """RMSNorm -> 2x2 stride-2 transposed conv (no bias): ``[b, h, w, c] -> [b, 2h, 2w, c]``.
+
+    The kernel is ``[2, 2, in, out]``: output ``(2i + a, 2j + c)`` = ``x[i, j] @ kernel[a, c]``.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = layers.rms_norm(
+            eps=NORM_EPS, name="norm", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                layers.DEFAULT_KERNEL_INIT, (None, None, "conv_in", "conv_out")
+            ),
+            (2, 2, c, c),
+            self.param_dtype,
+        )
+        y = jnp.einsum("bijc,akco->biajko", x, kernel.astype(self.dtype))
+        return y.reshape(b, 2 * h, 2 * w, c)
+
+
+class MlmHead(nn.Module):
+    """``mlm_layer``: 1x1 conv -> RMSNorm -> 1x1 conv to ``codebook_size`` logits (no biases)."""
+
+    codebook_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        x = layers.dense(x.shape[-1], ("conv_in", "conv_out"), name="conv1", **kw)(x)
+        x = layers.rms_norm(
+            eps=NORM_EPS, name="layer_norm", dtype=self.dtype, param_dtype=self.param_dtype
+        )(x)
+        return layers.dense(self.codebook_size, ("conv_in", "vocab"), name="conv2", **kw)(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+
+class MMDiT(nn.Module):
+    """Muddit's generator. See the module docstring for the data flow.
+
+    Attributes:
+      config: the upstream config.
+      dtype / param_dtype: compute / storage dtypes (logits are returned in float32).
+      remat: rematerialise each block in the backward pass (``nn.remat``).
+      scan_layers: ``nn.scan`` over the dual blocks and over the single blocks; their params are
+        stacked on a leading ``layers`` axis under ``transformer_blocks`` /
+        ``single_transformer_blocks`` instead of ``transformer_blocks_{i}`` (see
+        :func:`stack_block_params`).
+    """
+
+    config: MMDiTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, temb, cos, sin):
+        if length == 0:
+            return carry
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.remat:
+            cls = nn.remat(cls, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            scanned = nn.scan(
+                cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=length,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scanned(name=name, **kw)(carry, temb, cos, sin)[0]
+        for i in range(length):
+            carry = cls(name=f"{name}_{i}", **kw)(carry, temb, cos, sin)[0]
+        return carry
+
+    @nn.compact
+    def __call__(
+        self,
+        image_ids: jax.Array,
+        text_states: jax.Array,
+        pooled: jax.Array,
+        timestep: jax.Array,
+        micro_conds: jax.Array,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Predict image-token and text-token logits.
+
+        Args:
+          image_ids: ``[b, h, w]`` int VQ token ids in ``[0, vocab_size)`` (mask id =
+            ``vocab_size - 1``).
+          text_states: ``[b, l, joint_attention_dim]`` text encoder hidden states
+            (``[b, l, t5_dim]`` when ``t5_dim`` is set); upstream ``encoder_hidden_states`` (the
+            CLIP penultimate layer).
+          pooled: ``[b, pooled_projection_dim]`` pooled/projected text embedding (``text_embeds``).
+          timestep: ``[b]`` float in ``[0, 1]`` (upstream passes ``step / num_steps``; scaled by
+            1000 inside, as upstream).
+          micro_conds: ``[b, 5]`` = (width, height, crop x, crop y, aesthetic score).
+
+        Returns:
+          ``image_logits`` ``[b, h, w, codebook_size]`` and ``text_logits``
+          ``[b, l, tokenizer_vocab_size]`` (``None`` without a text head), both float32.
+        """
+        cfg, dt = self.config, self.dtype
+        kw = dict(dtype=dt, param_dtype=self.param_dtype)
+        d, b, n_txt = cfg.inner_dim, image_ids.shape[0], text_states.shape[1]
+        if micro_conds.shape != (b, NUM_MICRO_CONDS):
+            raise ValueError(
+                f"micro_conds must be [{b}, {NUM_MICRO_CONDS}], got {micro_conds.shape}"
+            )
+
+        cond = jnp.concatenate(
+            [pooled.astype(jnp.float32), micro_cond_embedding(micro_conds)], axis=-1
+        ).astype(dt)
+        cond = MLPEmbedding(d, d, use_bias=False, name="cond_embed", **kw)(cond)
+        temb = TimestepTextEmbedding(d, name="time_text_embed", **kw)(
+            timestep.astype(jnp.float32) * 1000.0, cond
+        )
+
+        txt = text_states.astype(dt)
+        if cfg.t5_dim is not None:
+            txt = layers.dense(
+                cfg.joint_attention_dim, ("cond", None), use_bias=False, name="adapter", **kw
+            )(_ln(dt, "adapter_norm")(txt))
+        txt = layers.dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt)
+        txt = layers.rms_norm(eps=NORM_EPS, name="encoder_proj_layer_norm", **kw)(txt)
+
+        x = ConvEmbed(cfg.vocab_size, d, name="embed", **kw)(image_ids)
+        if cfg.downsample:
+            x = Downsample(name="down_block", **kw)(x)
+        gh, gw = x.shape[1:3]
+        img = layers.rms_norm(eps=NORM_EPS, name="project_to_hidden_norm", **kw)(
+            x.reshape(b, gh * gw, d)
+        )
+        img = layers.dense(d, ("conv_in", "embed"), use_bias=False, name="project_to_hidden", **kw)(
+            img
+        )
+
+        cos, sin = (
+            jnp.asarray(a) for a in rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope)
+        )
+        txt, img = nn.with_logical_constraint(txt, ACT), nn.with_logical_constraint(img, ACT)
+        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), temb, cos, sin)
+        x = self._blocks(
+            SingleStreamBlock,
+            SINGLE,
+            cfg.num_single_layers,
+            jnp.concatenate([txt, img], axis=1),
+            temb,
+            cos,
+            sin,
+        )
+        txt, img = x[:, :n_txt], x[:, n_txt:]
+
+        text_logits = None
+        if cfg.tokenizer_vocab_size is not None:
+            text_logits = layers.dense(
+                cfg.tokenizer_vocab_size,
+                ("embed", "vocab"),
+                use_bias=False,
+                name="text_decoder",
+                **kw,
+            )(_ln(dt, "text_decoder_norm")(txt)).astype(jnp.float32)
+
+        img = layers.rms_norm(eps=NORM_EPS, name="project_from_hidden_norm", **kw)(img)
+        img = layers.dense(
+            d, ("embed", "conv_out"), use_bias=False, name="project_from_hidden", **kw
+        )(img)
+        x = img.reshape(b, gh, gw, d)
+        if cfg.upsample:
+            x = Upsample(name="up_block", **kw)(x)
+        logits = MlmHead(cfg.codebook_size, name="mlm_layer", **kw)(x).astype(jnp.float32)
+        return logits, text_logits
+
+
+def dummy_inputs(config: MMDiTConfig, batch: int = 1, grid: int = 2, text_len: int = 1) -> tuple:
+    """Smallest valid inputs (for ``init`` / ``eval_shape``)."""
+    text_width = config.t5_dim or config.joint_attention_dim
+    return (
+        jnp.zeros((batch, grid, grid), jnp.int32),
+        jnp.zeros((batch, text_len, text_width), jnp.float32),
+        jnp.zeros((batch, config.pooled_projection_dim), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, NUM_MICRO_CONDS), jnp.float32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# unrolled <-> scanned parameter layouts
+
+
+def _stack(xs: list[Any]) -> Any:
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def stack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Unrolled (``transformer_blocks_{i}``) -> scanned layout (``transformer_blocks``, stacked).
+
+    Works on unboxed params trees (numpy or jax leaves); other entries pass through.
+    """
+    out = dict(params)
+    for name in (DUAL, SINGLE):
+        pat = re.compile(rf"{name}_(\d+)$")
+        idx = sorted(int(m.group(1)) for k in params if (m := pat.match(k)))
+        if not idx:
+            continue
+        if idx != list(range(len(idx))):
+            raise ValueError(f"{name}: non-contiguous block indices {idx}")
+        blocks = [out.pop(f"{name}_{i}") for i in idx]
+        out[name] = jax.tree.map(lambda *xs: _stack(list(xs)), *blocks)
+    return out
+
+
+def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Scanned -> unrolled layout (inverse of :func:`stack_block_params`)."""
+    out = dict(params)
+    for name in (DUAL, SINGLE):
+        if name not in out:
+            continue
+        stacked = out.pop(name)
+        n = jax.tree.leaves(stacked)[0].shape[0]
+        for i in range(n):
+            out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out

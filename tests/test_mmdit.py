@@ -1,0 +1,301 @@
+"""MM-DiT generator: parity with the PyTorch reference (official key layout), port round trip and
+errors, bf16 vs fp32, scanned vs unrolled layers, jit caching, logical axis names."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from muddit_jax.models.embeddings import rope_cos_sin, rope_ids, timestep_embedding
+from muddit_jax.models.mmdit import (
+    MMDiT,
+    MMDiTConfig,
+    dummy_inputs,
+    stack_block_params,
+    unstack_block_params,
+)
+from muddit_jax.parallel.rules import LOGICAL_AXES
+from muddit_jax.port import io
+from muddit_jax.port.mapping import PortError, flatten
+from muddit_jax.port.mmdit import convert, export, key_map, load_pretrained, target_params
+from tests.helpers import assert_close, logical_axes_of
+from tests.torch_reference.mmdit_torch import (
+    SymmetricTransformer2DModel,
+    prepare_ids,
+    save_reference,
+)
+
+BASE = dict(
+    patch_size=1,
+    in_channels=32,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=24,
+    pooled_projection_dim=32,
+    guidance_embeds=False,
+    axes_dims_rope=[4, 6, 6],
+    vocab_size=33,
+    codebook_size=32,
+    tokenizer_vocab_size=40,
+    downsample=True,
+    upsample=True,
+)
+CASES = {
+    "down_up_text": {},
+    "plain_no_text": dict(downsample=False, upsample=False, tokenizer_vocab_size=None),
+    "t5_adapter": dict(t5_dim=20),
+}
+B, H, W, L = 2, 8, 8, 6
+
+
+def _inputs(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return dict(
+        image_ids=rng.integers(0, cfg["vocab_size"], (B, H, W)).astype(np.int32),
+        text_states=rng.standard_normal(
+            (B, L, cfg.get("t5_dim") or cfg["joint_attention_dim"])
+        ).astype(np.float32),
+        pooled=rng.standard_normal((B, cfg["pooled_projection_dim"])).astype(np.float32),
+        timestep=np.array([0.3, 0.85], np.float32),
+        micro_conds=np.array([[512, 512, 0, 0, 6], [256, 384, 16, 8, 5]], np.float32),
+    )
+
+
+_BUILT: dict[str, dict] = {}
+
+
+def _case(name: str, tmp_path_factory) -> dict:
+    """A random torch reference saved in the official layout, with its outputs on fixed inputs."""
+    if name in _BUILT:
+        return _BUILT[name]
+    cfg = {**BASE, **CASES[name]}
+    torch.manual_seed(0)
+    model = SymmetricTransformer2DModel(**cfg).eval()
+    with torch.no_grad():  # move every weight (incl. norm scales) off its default init
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = _inputs(cfg)
+    grid = (H // 2, W // 2) if cfg["downsample"] else (H, W)
+    img_ids, txt_ids = prepare_ids(L, *grid)
+    with torch.no_grad():
+        img, txt = model(
+            torch.from_numpy(x["image_ids"]).long(),
+            torch.from_numpy(x["text_states"]),
+            torch.from_numpy(x["pooled"]),
+            torch.from_numpy(x["timestep"]),
+            img_ids,
+            txt_ids,
+            torch.from_numpy(x["micro_conds"]),
+        )
+    folder = tmp_path_factory.mktemp(name)
+    save_reference(model, cfg, folder)
+    ref_txt = None if txt is None else txt.numpy()
+    _BUILT[name] = dict(
+        name=name, cfg=cfg, folder=folder, inputs=x, ref=(img.permute(0, 2, 3, 1).numpy(), ref_txt)
+    )
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    return _case(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def main_case(tmp_path_factory):
+    return _case("down_up_text", tmp_path_factory)
+
+
+TRACES: dict[tuple, int] = {}
+
+
+@functools.cache
+def _forward(config: MMDiTConfig, **options):
+    """One jitted forward per (config, options), shared by the tests; counts its traces."""
+    model, key = MMDiT(config, **options), (config, tuple(sorted(options.items())))
+
+    @jax.jit
+    def fwd(params, *x):
+        TRACES[key] = TRACES.get(key, 0) + 1
+        return model.apply({"params": params}, *x)
+
+    return fwd, key
+
+
+def _apply(config: MMDiTConfig, params, x: dict, **options):
+    return _forward(config, **options)[0](params, *x.values())
+
+
+def test_parity_with_torch_reference(case):
+    config, params = load_pretrained(case["folder"])
+    img, txt = _apply(config, params, case["inputs"])
+    ref_img, ref_txt = case["ref"]
+    assert img.shape == (B, H, W, config.codebook_size) and img.dtype == jnp.float32
+    assert float(np.std(ref_img)) > 0.1  # non-trivial output
+    err = assert_close(img, ref_img, 1e-4, "image logits")
+    if ref_txt is None:
+        assert txt is None
+    else:
+        assert txt.shape == (B, L, config.tokenizer_vocab_size)
+        err = max(err, assert_close(txt, ref_txt, 1e-4, "text logits"))
+    print(f"{case['name']}: max relative error {err:.2e}")
+
+
+def test_export_round_trip_is_bit_exact(case):
+    sd = io.load_state_dict(case["folder"])
+    for scan in (False, True):
+        out = export(convert(sd, case["cfg"], scan_layers=scan), case["cfg"])
+        assert sorted(out) == sorted(sd)
+        for k, v in sd.items():
+            assert out[k].dtype == v.dtype and np.array_equal(out[k], v), k
+
+
+def test_port_errors_name_the_key():
+    cfg = {**BASE, **CASES["down_up_text"]}
+    rng = np.random.default_rng(0)
+    random_params = jax.tree.map(
+        lambda s: rng.standard_normal(s.shape).astype(np.float32),
+        target_params(MMDiTConfig(**cfg)),
+    )
+    sd = export(random_params, cfg)
+    bad = dict(sd, **{"transformer_blocks.0.attn.to_q.lora_A.weight": np.zeros(3, np.float32)})
+    with pytest.raises(PortError, match=r"transformer_blocks\.0\.attn\.to_q\.lora_A\.weight"):
+        convert(bad, cfg)
+    bad = {k: v for k, v in sd.items() if k != "single_transformer_blocks.1.proj_mlp.bias"}
+    with pytest.raises(PortError, match=r"single_transformer_blocks\.1\.proj_mlp\.bias"):
+        convert(bad, cfg)
+    bad = dict(sd, **{"mlm_layer.conv2.weight": np.zeros((7, 32, 1, 1), np.float32)})
+    with pytest.raises(PortError, match=r"mlm_layer\.conv2\.weight"):
+        convert(bad, cfg)
+    # a checkpoint without a text head does not fit a config that has one
+    bad = {k: v for k, v in sd.items() if not k.startswith("text_decoder")}
+    with pytest.raises(PortError, match=r"text_decoder\.1\.weight"):
+        convert(bad, cfg)
+
+
+def test_bf16_compute_close_to_fp32(main_case):
+    """bf16 compute (fp32 params) stays within 5e-2 of fp32 (max-abs relative to logit scale)."""
+    config, params = load_pretrained(main_case["folder"])
+    ref_img, ref_txt = _apply(config, params, main_case["inputs"])
+    img, txt = _apply(config, params, main_case["inputs"], dtype=jnp.bfloat16)
+    assert img.dtype == jnp.float32
+    err = assert_close(img, ref_img, 5e-2, "bf16 image logits")
+    err_t = assert_close(txt, ref_txt, 5e-2, "bf16 text logits")
+    assert err > 0 and err_t > 0  # bf16 really was used
+    print(f"bf16 vs fp32: image {err:.2e}, text {err_t:.2e}")
+
+
+def test_scan_and_remat_match_unrolled(main_case):
+    config, unrolled = load_pretrained(main_case["folder"])
+    _, scanned = load_pretrained(main_case["folder"], scan_layers=True)
+    assert scanned["transformer_blocks"]["attn"]["to_q"]["kernel"].shape == (2, 32, 32)
+    assert "transformer_blocks_0" not in scanned
+    jax.tree.map(np.testing.assert_array_equal, stack_block_params(unrolled), scanned)
+    jax.tree.map(np.testing.assert_array_equal, unstack_block_params(scanned), unrolled)
+    ref = _apply(config, unrolled, main_case["inputs"])
+    out = _apply(config, scanned, main_case["inputs"], scan_layers=True, remat=True)
+    for a, e in zip(out, ref, strict=True):
+        assert_close(a, e, 1e-5, "scanned + remat")
+
+
+def test_scan_remat_gradients_match_unrolled():
+    """Training path: gradients through scanned + rematerialised blocks equal the unrolled ones."""
+    config = MMDiTConfig(**{**BASE, **CASES["plain_no_text"]})
+    x = list(_inputs(BASE).values())
+    rng = np.random.default_rng(1)
+    unrolled = jax.tree.map(
+        lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), target_params(config)
+    )
+
+    def grads(params, **options):
+        model = MMDiT(config, **options)
+
+        def loss(p):
+            return jnp.mean(jnp.sin(model.apply({"params": p}, *x)[0]))
+
+        # "float32" (not the conftest's "highest") halves XLA:CPU compile time, same f32 math
+        with jax.default_matmul_precision("float32"):
+            return jax.jit(jax.grad(loss))(params)
+
+    ref = stack_block_params(grads(unrolled))
+    got = grads(stack_block_params(unrolled), scan_layers=True, remat=True)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref))
+    assert scale > 0
+    jax.tree.map(
+        lambda a, e: assert_close(np.asarray(a) / scale, np.asarray(e) / scale, 1e-5), got, ref
+    )
+
+
+def test_jit_compiles_once(main_case):
+    """Repeated same-shape calls (new values each time) reuse one trace / one executable."""
+    config, params = load_pretrained(main_case["folder"])
+    fwd, key = _forward(config)
+    outs = [fwd(params, *_inputs(main_case["cfg"], seed).values()) for seed in range(3)]
+    assert TRACES[key] == 1 and fwd._cache_size() == 1
+    assert not np.allclose(outs[0][0], outs[1][0])  # the inputs really differed
+
+
+def test_param_logical_axes():
+    config = MMDiTConfig(**{**BASE, "t5_dim": 20})
+    for scan in (False, True):
+        boxed = jax.eval_shape(
+            MMDiT(config, scan_layers=scan).init, jax.random.key(0), *dummy_inputs(config)
+        )["params"]
+        names = logical_axes_of(boxed)
+        assert names <= LOGICAL_AXES, names - LOGICAL_AXES
+        assert ("layers" in names) == scan
+        if scan:
+            leaf = boxed["single_transformer_blocks"]["proj_mlp"]["kernel"]
+            assert leaf.names == ("layers", "embed", "mlp")
+    assert {"embed", "mlp", "heads", "vocab", "cond", "norm", "conv_in", "conv_out"} <= names
+
+
+def test_config_round_trip_and_validation():
+    hf = {"_class_name": "SymmetricTransformer2DModel", "_diffusers_version": "0.30.0", **BASE}
+    cfg = MMDiTConfig.from_hf_config(hf)
+    assert cfg.inner_dim == 32 and cfg.mask_token_id == 32 and cfg.axes_dims_rope == (4, 6, 6)
+    assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert cfg.to_hf_config()["axes_dims_rope"] == [4, 6, 6]
+    assert MMDiTConfig.from_hf_config({**BASE, "block_out_channels": 32}).block_out_channels == 32
+    with pytest.raises(ValueError, match="unknown .* keys: \\['not_a_key'\\]"):
+        MMDiTConfig.from_hf_config({**BASE, "not_a_key": 1})
+    with pytest.raises(ValueError, match="pooled_projection_dim"):
+        MMDiTConfig(**{**BASE, "pooled_projection_dim": 16})
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        dataclasses.replace(cfg, axes_dims_rope=(4, 6, 8))
+
+
+def test_embeddings_match_diffusers():
+    from diffusers.models.embeddings import get_timestep_embedding
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    t = np.array([0.0, 3.5, 512.0, 999.0], np.float32)
+    ref = get_timestep_embedding(
+        torch.from_numpy(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0
+    )
+    # float32 sin/cos of arguments up to ~1000 rad: one ulp of the argument is ~6e-5
+    assert_close(timestep_embedding(jnp.asarray(t)), ref, 1e-4, "timestep embedding")
+    img_ids, txt_ids = prepare_ids(3, 4, 5)
+    cos_ref, sin_ref = FluxPosEmbed(10000, [4, 6, 6])(torch.cat([txt_ids, img_ids]))
+    ids = rope_ids(3, 4, 5)
+    np.testing.assert_array_equal(ids, torch.cat([txt_ids, img_ids]).numpy())
+    cos, sin = rope_cos_sin(ids, (4, 6, 6))
+    assert_close(cos, cos_ref, 1e-6, "rope cos")
+    assert_close(sin, sin_ref, 1e-6, "rope sin")
+
+
+def test_unboxed_init_matches_port_target():
+    """``init`` params (unboxed) have exactly the key-map paths: nothing unported, nothing extra."""
+    config = MMDiTConfig(**BASE)
+    params = nn.unbox(jax.eval_shape(MMDiT(config).init, jax.random.key(0), *dummy_inputs(config)))
+    flat = {"/".join(k) for k in flatten(params["params"])}
+    assert flat == {"/".join(m.flax_path) for m in key_map(config)}

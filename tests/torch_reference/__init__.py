@@ -1,0 +1,1 @@
+"""PyTorch reference models with the official checkpoint key layouts (test-only)."""
