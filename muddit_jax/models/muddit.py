@@ -1,0 +1,122 @@
+"""Muddit's unified network: the text encoder feeding the MM-DiT generator.
+
+``Muddit(config)(image_ids, text_ids, timestep, micro_conds) -> (image_logits, text_logits)`` is
+the ``forward_fn`` the diffusion loss and the I2T sampler use: (possibly masked) text ids are
+re-encoded by the text encoder on every call, as in Muddit. For T2I, where the text is fixed,
+:meth:`Muddit.encode_text` runs once and :meth:`Muddit.denoise` runs per step. The VQ tokenizer is
+not part of this module: images enter as codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from muddit_jax.models.mmdit import MMDiT, MMDiTConfig
+from muddit_jax.models.text_encoder import CLIPTextConfig, CLIPTextEncoder
+from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MudditConfig:
+    """The three networks' configs, checked for compatibility."""
+
+    text: CLIPTextConfig
+    vq: VQConfig
+    mmdit: MMDiTConfig
+
+    def __post_init__(self) -> None:
+        t, v, m = self.text, self.vq, self.mmdit
+        problems = []
+        if (m.t5_dim or m.joint_attention_dim) != t.hidden_size:
+            problems.append(
+                f"mmdit.joint_attention_dim ({m.joint_attention_dim}) must equal text.hidden_size "
+                f"({t.hidden_size})"
+            )
+        if m.pooled_projection_dim != t.projection_dim:
+            problems.append(
+                f"mmdit.pooled_projection_dim ({m.pooled_projection_dim}) must equal "
+                f"text.projection_dim ({t.projection_dim})"
+            )
+        if m.codebook_size != v.num_vq_embeddings:
+            problems.append(
+                f"mmdit.codebook_size ({m.codebook_size}) must equal vq.num_vq_embeddings "
+                f"({v.num_vq_embeddings})"
+            )
+        if m.tokenizer_vocab_size not in (None, t.vocab_size):
+            problems.append(
+                f"mmdit.tokenizer_vocab_size ({m.tokenizer_vocab_size}) must equal "
+                f"text.vocab_size ({t.vocab_size})"
+            )
+        if problems:
+            raise ValueError("invalid MudditConfig: " + "; ".join(problems))
+
+    @classmethod
+    def tiny(cls, text_vocab_size: int, *, codebook_size: int = 64, width: int = 64) -> "MudditConfig":
+        """A small CPU-sized model (2+2 MM-DiT blocks, 4x-downsampling VQ)."""
+        text = CLIPTextConfig.tiny(text_vocab_size, hidden_size=width, projection_dim=width,
+                                   intermediate_size=2 * width, max_position_embeddings=16)
+        vq = VQConfig(
+            block_out_channels=(32, 32, 64), down_block_types=(DOWN_BLOCK,) * 3,
+            up_block_types=(UP_BLOCK,) * 3, latent_channels=8, norm_num_groups=8,
+            num_vq_embeddings=codebook_size, mid_block_add_attention=False,
+        )
+        heads = width // 16
+        mmdit = MMDiTConfig(
+            num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=heads,
+            joint_attention_dim=width, pooled_projection_dim=width, axes_dims_rope=(4, 6, 6),
+            vocab_size=codebook_size + 1, codebook_size=codebook_size,
+            tokenizer_vocab_size=text_vocab_size,
+        )
+        return cls(text=text, vq=vq, mmdit=mmdit)
+
+
+class Muddit(nn.Module):
+    """Text encoder + MM-DiT. Params: ``{"text_encoder": ..., "mmdit": ...}``."""
+
+    config: MudditConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+    scan_layers: bool = False
+
+    def setup(self) -> None:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.text_encoder = CLIPTextEncoder(self.config.text, **kw)
+        self.mmdit = MMDiT(
+            self.config.mmdit, remat=self.remat, scan_layers=self.scan_layers, **kw
+        )
+
+    def encode_text(self, text_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``text_ids [b, l]`` -> ``(context [b, l, d], pooled [b, p])``."""
+        out = self.text_encoder(text_ids)
+        return out.context, out.pooled
+
+    def denoise(
+        self,
+        image_ids: jax.Array,
+        context: jax.Array,
+        pooled: jax.Array,
+        timestep: jax.Array,
+        micro_conds: jax.Array,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """MM-DiT on encoded text: ``(image_logits [b, h, w, K], text_logits [b, l, V] | None)``."""
+        return self.mmdit(image_ids, context, pooled, timestep, micro_conds)
+
+    def __call__(
+        self,
+        image_ids: jax.Array,
+        text_ids: jax.Array,
+        timestep: jax.Array,
+        micro_conds: jax.Array,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Full forward: ``image_ids [b, h, w]``, ``text_ids [b, l]``, ``timestep [b]`` in [0, 1],
+        ``micro_conds [b, 5]`` -> ``(image_logits, text_logits)``."""
+        context, pooled = self.encode_text(text_ids)
+        return self.denoise(image_ids, context, pooled, timestep, micro_conds)

@@ -1,0 +1,298 @@
+"""Public API: ``MudditPipeline.generate / caption / answer``.
+
+The pipeline bundles the tokenizer, the text encoder + MM-DiT (:class:`~muddit_jax.models.muddit.
+Muddit`), the VQ tokenizer and the compiled sampler. Every task is one ``jax.jit`` program (text
+encoding, the whole ``lax.scan`` sampling loop and VQ encode/decode inside), compiled once per
+(task, sampler config, batch shape) and cached on the pipeline.
+
+* ``generate`` (T2I): image tokens start masked, the prompt is the condition; classifier-free
+  guidance stacks the empty-prompt condition in the same forward.
+* ``caption`` (I2T): the image codes are the condition, text tokens after ``<bos>`` start masked
+  and are re-encoded by the text encoder on every step, as in Muddit.
+* ``answer`` (VQA): ``<bos> question`` is a fixed prefix, the answer region is decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from muddit_jax.diffusion.sampler import SamplerConfig, sample
+from muddit_jax.models.muddit import Muddit, MudditConfig
+from muddit_jax.models.tokenizers import Tokenizer
+from muddit_jax.models.vq import VQModel
+
+TASKS = ("t2i", "i2t", "vqa")
+DEFAULT_AESTHETIC = 6.0
+
+
+def clean_caption(text: str) -> str:
+    """Muddit's caption post-processing: drop immediately repeated words, cut after the last period."""
+    words: list[str] = []
+    for word in text.split():
+        if not words or word.lower() != words[-1].lower():
+            words.append(word)
+    out = " ".join(words)
+    return out[: out.rfind(".") + 1] if "." in out else out
+
+
+@dataclasses.dataclass
+class MudditPipeline:
+    """Tokenizer + params of the three networks + compiled samplers.
+
+    Attributes:
+      config: the networks' configs.
+      tokenizer: encodes prompts / decodes generated text (needs ``mask_id``).
+      params: ``{"text_encoder": ..., "mmdit": ..., "vq": ...}`` (unboxed).
+      image_size: pixel resolution of generated / accepted images (square).
+      text_length: token length of the text sequence (default: the text encoder's positions).
+      dtype: compute dtype of the networks.
+    """
+
+    config: MudditConfig
+    tokenizer: Tokenizer
+    params: dict[str, Any]
+    image_size: int
+    text_length: int | None = None
+    dtype: Any = jnp.float32
+    _programs: dict[tuple, Callable] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        f = self.config.vq.downsample_factor
+        if self.image_size % f:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of the VQ factor {f}")
+        if getattr(self.tokenizer, "mask_id", None) is None:
+            raise ValueError("the tokenizer has no <mask> id; train/load it with a mask token")
+        if self.tokenizer.vocab_size > self.config.text.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab ({self.tokenizer.vocab_size}) exceeds text.vocab_size "
+                f"({self.config.text.vocab_size})"
+            )
+        self.text_length = self.text_length or self.config.text.max_position_embeddings
+        if self.text_length > self.config.text.max_position_embeddings:
+            raise ValueError(
+                f"text_length {self.text_length} exceeds the text encoder's "
+                f"max_position_embeddings {self.config.text.max_position_embeddings}"
+            )
+        self.muddit = Muddit(self.config, dtype=self.dtype)
+        self.vq = VQModel(self.config.vq, dtype=self.dtype)
+
+    # -----------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def random_init(
+        cls, config: MudditConfig, tokenizer: Tokenizer, image_size: int, seed: int = 0, **kw: Any
+    ) -> "MudditPipeline":
+        """A pipeline with freshly initialised (untrained) networks."""
+        k_m, k_v = jax.random.split(jax.random.key(seed))
+        grid = image_size // config.vq.downsample_factor
+        l = kw.get("text_length") or config.text.max_position_embeddings
+        muddit = Muddit(config)
+        init = jax.jit(muddit.init)(
+            k_m, jnp.zeros((1, grid, grid), jnp.int32), jnp.zeros((1, l), jnp.int32),
+            jnp.zeros((1,)), jnp.zeros((1, 5)),
+        )
+        vq_init = jax.jit(VQModel(config.vq).init)(k_v, jnp.zeros((1, image_size, image_size, 3)))
+        params = dict(nn.unbox(init)["params"], vq=nn.unbox(vq_init)["params"])
+        return cls(config, tokenizer, params, image_size, **kw)
+
+    # -----------------------------------------------------------------------------------------
+    # public tasks
+
+    def __call__(self, task: str, *args: Any, **kw: Any) -> Any:
+        """Dispatch ``task`` in ``("t2i", "i2t", "vqa")`` to generate / caption / answer."""
+        fns = {"t2i": self.generate, "i2t": self.caption, "vqa": self.answer}
+        if task not in fns:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return fns[task](*args, **kw)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        steps: int = 16,
+        guidance_scale: float | None = 9.0,
+        seed: int = 0,
+        temperature: tuple[float, float] = (2.0, 0.0),
+    ) -> np.ndarray:
+        """Text -> images ``np.uint8 [b, H, W, 3]``. ``guidance_scale=None`` disables CFG."""
+        prompts = _check_texts(prompts, "prompts")
+        cfg = SamplerConfig(
+            num_steps=_check_steps(steps), mask_id=self.config.mmdit.mask_token_id,
+            vocab_limit=self.config.mmdit.codebook_size, temperature=tuple(temperature),
+            guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        )
+        ids = self.tokenizer.encode(list(prompts), self.text_length)
+        empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
+        images = self._program("t2i", cfg)(
+            self.params, ids, empty, self._micro(len(prompts)), jax.random.key(seed)
+        )
+        return np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
+
+    def caption(
+        self, images: Any, *, steps: int = 16, seed: int = 0, postprocess: bool = True
+    ) -> list[str]:
+        """Images ``[b, H, W, 3]`` (uint8, or float in [0, 1]) -> captions."""
+        n = len(_check_images(images, self.image_size))
+        return self._image_to_text(images, [""] * n, steps, seed, postprocess)
+
+    def answer(
+        self,
+        images: Any,
+        questions: Sequence[str],
+        *,
+        steps: int = 16,
+        seed: int = 0,
+        postprocess: bool = True,
+    ) -> list[str]:
+        """VQA: the ``<bos> question`` prefix stays fixed, the rest is decoded."""
+        questions = _check_texts(questions, "questions")
+        n = len(_check_images(images, self.image_size))
+        if len(questions) != n:
+            raise ValueError(f"got {n} images but {len(questions)} questions; pass one per image")
+        return self._image_to_text(images, questions, steps, seed, postprocess)
+
+    # -----------------------------------------------------------------------------------------
+    # internals
+
+    def _micro(self, b: int) -> np.ndarray:
+        s = float(self.image_size)
+        return np.tile(np.array([[s, s, 0.0, 0.0, DEFAULT_AESTHETIC]], np.float32), (b, 1))
+
+    def _image_to_text(
+        self, images: Any, questions: Sequence[str], steps: int, seed: int, postprocess: bool
+    ) -> list[str]:
+        tokens, prefix = self.text_tokens(images, questions, steps=steps, seed=seed)
+        eos, texts = self.tokenizer.eos_id, []
+        for row, start in zip(tokens, prefix):
+            gen = row[start:].tolist()
+            gen = gen[: gen.index(eos)] if eos in gen else gen
+            text = self.tokenizer.decode([gen])[0].strip()
+            texts.append(clean_caption(text) if postprocess else text)
+        return texts
+
+    def text_tokens(
+        self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """I2T/VQA decoding: ``(tokens [b, text_length], prefix_len [b])``; ``tokens[:, :prefix]``
+        is ``<bos> question`` unchanged, the rest is generated."""
+        pixels = _check_images(images, self.image_size)
+        tok = self.tokenizer
+        ids = tok.encode(list(questions), self.text_length)
+        prefix = _prefix_lengths(ids, tok.eos_id, tok.pad_id)
+        if np.any(prefix > self.text_length - 2):
+            raise ValueError(
+                f"a question fills (nearly) all {self.text_length} text positions, leaving no room "
+                "for the answer; shorten it or raise text_length"
+            )
+        fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
+        cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id)
+        out = self._program("i2t", cfg)(
+            self.params, pixels, ids, fixed, self._micro(len(ids)), jax.random.key(seed)
+        )
+        return np.asarray(out), prefix
+
+    def _program(self, task: str, cfg: SamplerConfig) -> Callable:
+        key = (task, cfg)
+        if key not in self._programs:
+            build = self._t2i_program if task == "t2i" else self._i2t_program
+            self._programs[key] = jax.jit(build(cfg))
+        return self._programs[key]
+
+    def _t2i_program(self, cfg: SamplerConfig) -> Callable:
+        muddit, vq = self.muddit, self.vq
+        grid = self.image_size // self.config.vq.downsample_factor
+
+        def logits_fn(context: Any, tokens: jax.Array, t: jax.Array) -> jax.Array:
+            p, ctx, pooled, micro = context
+            logits, _ = muddit.apply(
+                {"params": p}, tokens.reshape(-1, grid, grid), ctx, pooled, t, micro,
+                method=Muddit.denoise,
+            )
+            return logits.reshape(tokens.shape[0], grid * grid, -1)
+
+        def program(params, ids, empty_ids, micro, rng):
+            p = {"text_encoder": params["text_encoder"], "mmdit": params["mmdit"]}
+            b = ids.shape[0]
+            text = jnp.concatenate([ids, empty_ids]) if cfg.guidance_scale is not None else ids
+            ctx, pooled = muddit.apply({"params": p}, text, method=Muddit.encode_text)
+            micro = jnp.concatenate([micro, micro]) if cfg.guidance_scale is not None else micro
+            tokens = jnp.zeros((b, grid * grid), jnp.int32)
+            codes = sample(logits_fn, (p, ctx, pooled, micro), tokens, jnp.zeros_like(tokens, bool),
+                           rng, cfg)
+            images = vq.apply({"params": params["vq"]}, codes.reshape(b, grid, grid),
+                              method=VQModel.decode)
+            return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+
+        return program
+
+    def _i2t_program(self, cfg: SamplerConfig) -> Callable:
+        muddit, vq = self.muddit, self.vq
+
+        def logits_fn(context: Any, tokens: jax.Array, t: jax.Array) -> jax.Array:
+            p, codes, micro = context
+            _, text_logits = muddit.apply({"params": p}, codes, tokens, t, micro)
+            return text_logits
+
+        def program(params, pixels, ids, fixed, micro, rng):
+            p = {"text_encoder": params["text_encoder"], "mmdit": params["mmdit"]}
+            codes = vq.apply({"params": params["vq"]}, pixels, method=VQModel.encode)
+            return sample(logits_fn, (p, codes, micro), ids, fixed, rng, cfg)
+
+        if self.config.mmdit.tokenizer_vocab_size is None:
+            raise ValueError("this MM-DiT has no text decoder head (tokenizer_vocab_size=None)")
+        return program
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_texts(texts: Any, field: str) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError(f"{field} must be a list of strings, not a single string; wrap it in [...]")
+    texts = list(texts)
+    if not texts:
+        raise ValueError(f"{field} is empty; pass at least one string")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{field}[{bad[0]}] is not a string")
+    return texts
+
+
+def _check_steps(steps: int) -> int:
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return int(steps)
+
+
+def _check_images(images: Any, size: int) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"images must be [b, {size}, {size}, 3] (the pipeline's image_size), got {x.shape}; "
+            "resize them first"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("images is empty; pass at least one image")
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"images must be uint8 or float in [0, 1], got dtype {x.dtype}")
+    return x.astype(np.float32)
+
+
+def _prefix_lengths(ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
+    """Length of ``<bos> text`` per row (everything before the first eos / pad after bos)."""
+    stop = (ids == eos_id) | (ids == pad_id)
+    stop[:, 0] = False
+    return np.where(stop.any(1), stop.argmax(1), ids.shape[1]).astype(np.int32)

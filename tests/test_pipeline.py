@@ -1,0 +1,101 @@
+"""MudditPipeline: random-init T2I / I2T / VQA through the compiled sampler, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from muddit_jax.models.muddit import MudditConfig
+from muddit_jax.models.tokenizers import SentencePieceTokenizer
+from muddit_jax.pipeline import MudditPipeline, clean_caption
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+SHAPES = ["circle", "square", "triangle"]
+CORPUS = [
+    f"a {size} {c1} {s1} to the {side} of a {c2} {s2}."
+    for size in ("small", "large")
+    for c1 in COLORS
+    for s1 in SHAPES
+    for c2 in COLORS[:3]
+    for s2 in SHAPES[:2]
+    for side in ("left", "right")
+]
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    tok = SentencePieceTokenizer.train(CORPUS, 48, tmp_path_factory.mktemp("sp") / "sp.model")
+    config = MudditConfig.tiny(tok.vocab_size, codebook_size=32, width=32)
+    return MudditPipeline.random_init(config, tok, IMAGE_SIZE, seed=0)
+
+
+def test_generate_images_deterministic_and_compiled_once(pipe):
+    a = pipe.generate(["a red circle", "a blue square"], steps=4, seed=1)
+    assert a.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and a.dtype == np.uint8
+    b = pipe.generate(["a red circle", "a blue square"], steps=4, seed=1)
+    np.testing.assert_array_equal(a, b)
+    program = pipe._programs[next(k for k in pipe._programs if k[0] == "t2i")]
+    pipe.generate(["a green triangle", "a small square"], steps=4, seed=2)
+    assert program._cache_size() == 1, "a second call with new prompts recompiled"
+    c = pipe.generate(["a red circle", "a blue square"], steps=4, seed=3)
+    assert not np.array_equal(a, c), "the seed does not change the sample"
+
+
+def test_guidance_none_and_scale_one_agree(pipe):
+    a = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=None)
+    b = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=1.0)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_caption_and_answer_produce_text_once_compiled(pipe):
+    images = np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    caps = pipe.caption(images, steps=4, seed=0)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    assert caps == pipe.caption(images, steps=4, seed=0)
+    answers = pipe.answer(images, ["a red circle", "a blue square"], steps=4)
+    assert len(answers) == 2
+    i2t = [k for k in pipe._programs if k[0] == "i2t"]
+    assert len(i2t) == 1 and pipe._programs[i2t[0]]._cache_size() == 1
+
+
+def test_vqa_prefix_stays_fixed(pipe):
+    q = "a red circle"
+    images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    tokens, prefix = pipe.text_tokens(images, [q, ""], steps=3)
+    ids = pipe.tokenizer.encode([q, ""], pipe.text_length)
+    assert prefix.tolist() == [1 + len(pipe.tokenizer.sp.encode(q)), 1]
+    np.testing.assert_array_equal(tokens[0, : prefix[0]], ids[0, : prefix[0]])
+    assert tokens[1, 0] == pipe.tokenizer.bos_id
+    assert not np.any(tokens == pipe.tokenizer.mask_id), "mask tokens left after decoding"
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda p: p.generate([]), "prompts is empty"),
+        (lambda p: p.generate("a red circle"), "not a single string"),
+        (lambda p: p.generate(["x"], steps=0), "steps must be"),
+        (lambda p: p.caption(np.zeros((1, 8, 8, 3), np.uint8)), "image_size"),
+        (lambda p: p.answer(np.zeros((2, 16, 16, 3), np.uint8), ["q"]), "2 images but 1"),
+        (lambda p: p("segment", []), "unknown task"),
+        (lambda p: p.answer(np.zeros((1, 16, 16, 3)), ["what is " * 20]), "no room"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(pipe, call, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        call(pipe)
+
+
+def test_clean_caption():
+    assert clean_caption("a a red red circle. circle circle") == "a red circle."
+    assert clean_caption("a blue square") == "a blue square"
+    assert clean_caption("one. two. three") == "one. two."
+
+
+def test_config_mismatch_is_reported():
+    cfg = MudditConfig.tiny(40)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="codebook_size"):
+        MudditConfig(cfg.text, dataclasses.replace(cfg.vq, num_vq_embeddings=7), cfg.mmdit)
