@@ -165,6 +165,14 @@ def group_norm(
     )
 
 
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None = None
+) -> jax.Array:
+    """Scaled dot-product attention on ``[b, l, heads, head_dim]`` (``jax.nn.dot_product_attention``,
+    XLA on CPU/TPU, cuDNN where available); ``bias`` broadcasts to ``[b, heads, q, k]``."""
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     """GELU with the tanh approximation (PyTorch ``approximate="tanh"``)."""
     return jax.nn.gelu(x, approximate=True)

@@ -204,7 +204,7 @@ class Attention(nn.Module):
             )
             qkv = [jnp.concatenate([c, i], axis=1) for c, i in zip(ctx, qkv, strict=True)]
         q, k, v = qkv
-        out = jax.nn.dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        out = layers.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
         if not self.context:
             return out

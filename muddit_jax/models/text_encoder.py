@@ -144,9 +144,7 @@ class CLIPAttention(nn.Module):
             return y.reshape(b, l, cfg.num_attention_heads, cfg.head_dim)
 
         q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (cfg.head_dim**-0.5)
-        weights = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, d)
+        out = layers.attention(q, k, v, bias=bias.astype(q.dtype)).reshape(b, l, d)
         return layers.dense(d, ("heads", "embed"), name="out_proj", **proj)(out)
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muddit_jax.models.layers import Dtype, activation, conv, dense, embed, group_norm
+from muddit_jax.models.layers import Dtype, activation, attention, conv, dense, embed, group_norm
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -253,9 +253,7 @@ class Attention(nn.Module):
         q = dense(c, ("embed", "heads"), name="to_q", **kw)(h)
         k = dense(c, ("embed", "heads"), name="to_k", **kw)(h)
         v = dense(c, ("embed", "heads"), name="to_v", **kw)(h)
-        scores = jnp.einsum("bqd,bkd->bqk", q, k).astype(jnp.float32) * c**-0.5
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bqk,bkd->bqd", probs, v)
+        out = attention(q[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
         out = dense(c, ("heads", "embed"), name="to_out", **kw)(out)
         return (out.reshape(x.shape) + x) / self.rescale_output_factor
 
