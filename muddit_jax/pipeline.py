@@ -121,9 +121,19 @@ class MudditPipeline:
         guidance_scale: float | None = 9.0,
         seed: int = 0,
         temperature: tuple[float, float] = (2.0, 0.0),
-    ) -> np.ndarray:
-        """Text -> images ``np.uint8 [b, H, W, 3]``. ``guidance_scale=None`` disables CFG."""
+        images: Any = None,
+        keep: Any = None,
+        return_codes: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Text -> images ``np.uint8 [b, H, W, 3]`` (and the VQ codes ``[b, h, w]`` with
+        ``return_codes``). ``guidance_scale=None`` disables CFG.
+
+        Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
+        VQ code grid; the codes of kept cells stay fixed and the others are generated.
+        """
         prompts = _check_texts(prompts, "prompts")
+        if (images is None) != (keep is None):
+            raise ValueError("inpainting needs both images and keep (the code-grid mask to keep)")
         cfg = SamplerConfig(
             num_steps=_check_steps(steps), mask_id=self.config.mmdit.mask_token_id,
             vocab_limit=self.config.mmdit.codebook_size, temperature=tuple(temperature),
@@ -131,10 +141,21 @@ class MudditPipeline:
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
-        images = self._program("t2i", cfg)(
-            self.params, ids, empty, self._micro(len(prompts)), jax.random.key(seed)
-        )
-        return np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
+        args = (self.params, ids, empty, self._micro(len(prompts)), jax.random.key(seed))
+        if images is None:
+            images, codes = self._program("t2i", cfg)(*args)
+        else:
+            pixels = _check_images(images, self.image_size)
+            grid = self.image_size // self.config.vq.downsample_factor
+            keep = np.asarray(keep, bool)
+            if keep.shape != (len(prompts), grid, grid) or len(pixels) != len(prompts):
+                raise ValueError(
+                    f"keep must be [{len(prompts)}, {grid}, {grid}] (one code-grid mask per prompt) "
+                    f"and images one per prompt; got keep {keep.shape}, {len(pixels)} images"
+                )
+            images, codes = self._program("inpaint", cfg)(*args, pixels, keep)
+        images = np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
+        return (images, np.asarray(codes)) if return_codes else images
 
     def caption(
         self, images: Any, *, steps: int = 16, seed: int = 0, postprocess: bool = True
@@ -202,11 +223,14 @@ class MudditPipeline:
     def _program(self, task: str, cfg: SamplerConfig) -> Callable:
         key = (task, cfg)
         if key not in self._programs:
-            build = self._t2i_program if task == "t2i" else self._i2t_program
-            self._programs[key] = jax.jit(build(cfg))
+            if task == "i2t":
+                program = self._i2t_program(cfg)
+            else:
+                program = self._t2i_program(cfg, inpaint=task == "inpaint")
+            self._programs[key] = jax.jit(program)
         return self._programs[key]
 
-    def _t2i_program(self, cfg: SamplerConfig) -> Callable:
+    def _t2i_program(self, cfg: SamplerConfig, inpaint: bool) -> Callable:
         muddit, vq = self.muddit, self.vq
         grid = self.image_size // self.config.vq.downsample_factor
 
@@ -218,18 +242,21 @@ class MudditPipeline:
             )
             return logits.reshape(tokens.shape[0], grid * grid, -1)
 
-        def program(params, ids, empty_ids, micro, rng):
+        def program(params, ids, empty_ids, micro, rng, pixels=None, keep=None):
             p = {"text_encoder": params["text_encoder"], "mmdit": params["mmdit"]}
             b = ids.shape[0]
             text = jnp.concatenate([ids, empty_ids]) if cfg.guidance_scale is not None else ids
             ctx, pooled = muddit.apply({"params": p}, text, method=Muddit.encode_text)
             micro = jnp.concatenate([micro, micro]) if cfg.guidance_scale is not None else micro
             tokens = jnp.zeros((b, grid * grid), jnp.int32)
-            codes = sample(logits_fn, (p, ctx, pooled, micro), tokens, jnp.zeros_like(tokens, bool),
-                           rng, cfg)
-            images = vq.apply({"params": params["vq"]}, codes.reshape(b, grid, grid),
-                              method=VQModel.decode)
-            return jnp.clip(images.astype(jnp.float32), 0.0, 1.0)
+            fixed = jnp.zeros_like(tokens, bool)
+            if inpaint:
+                tokens = vq.apply({"params": params["vq"]}, pixels, method=VQModel.encode)
+                tokens, fixed = tokens.reshape(b, -1), keep.reshape(b, -1)
+            codes = sample(logits_fn, (p, ctx, pooled, micro), tokens, fixed, rng, cfg)
+            codes = codes.reshape(b, grid, grid)
+            images = vq.apply({"params": params["vq"]}, codes, method=VQModel.decode)
+            return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), codes
 
         return program
 

@@ -48,6 +48,23 @@ def test_guidance_none_and_scale_one_agree(pipe):
     np.testing.assert_array_equal(a, b)
 
 
+def test_inpainting_keeps_the_kept_codes(pipe):
+    from muddit_jax.models.vq import encode
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    grid = IMAGE_SIZE // pipe.config.vq.downsample_factor
+    keep = np.zeros((2, grid, grid), bool)
+    keep[:, :, : grid // 2] = True
+    out, codes = pipe.generate(["a red circle", "a blue square"], steps=3, guidance_scale=None,
+                               images=images, keep=keep, return_codes=True)
+    given = np.asarray(encode(pipe.params["vq"], pipe.config.vq, images / 255.0))
+    assert out.shape == images.shape and codes.shape == given.shape
+    np.testing.assert_array_equal(codes[keep], given[keep])
+    assert (codes[~keep] != given[~keep]).any(), "the masked cells were not regenerated"
+    assert codes.max() < pipe.config.mmdit.codebook_size
+
+
 def test_caption_and_answer_produce_text_once_compiled(pipe):
     images = np.random.default_rng(0).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     caps = pipe.caption(images, steps=4, seed=0)
@@ -79,6 +96,9 @@ def test_vqa_prefix_stays_fixed(pipe):
         (lambda p: p.caption(np.zeros((1, 8, 8, 3), np.uint8)), "image_size"),
         (lambda p: p.answer(np.zeros((2, 16, 16, 3), np.uint8), ["q"]), "2 images but 1"),
         (lambda p: p("segment", []), "unknown task"),
+        (lambda p: p.generate(["x"], images=np.zeros((1, 16, 16, 3))), "needs both"),
+        (lambda p: p.generate(["x"], images=np.zeros((1, 16, 16, 3)), keep=np.ones((1, 2, 2))),
+         "keep must be"),
         (lambda p: p.answer(np.zeros((1, 16, 16, 3)), ["what is " * 20]), "no room"),
     ],
 )
