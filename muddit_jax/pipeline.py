@@ -29,6 +29,7 @@ from muddit_jax.models.tokenizers import Tokenizer
 from muddit_jax.models.vq import VQModel
 
 TASKS = ("t2i", "i2t", "vqa")
+Seed = int | Sequence[int]
 DEFAULT_AESTHETIC = 6.0
 
 
@@ -119,7 +120,7 @@ class MudditPipeline:
         *,
         steps: int = 16,
         guidance_scale: float | None = 9.0,
-        seed: int = 0,
+        seed: Seed = 0,
         temperature: tuple[float, float] = (2.0, 0.0),
         images: Any = None,
         keep: Any = None,
@@ -141,7 +142,7 @@ class MudditPipeline:
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
-        args = (self.params, ids, empty, self._micro(len(prompts)), jax.random.key(seed))
+        args = (self.params, ids, empty, self._micro(len(prompts)), _keys(seed, len(prompts)))
         if images is None:
             images, codes = self._program("t2i", cfg)(*args)
         else:
@@ -158,7 +159,7 @@ class MudditPipeline:
         return (images, np.asarray(codes)) if return_codes else images
 
     def caption(
-        self, images: Any, *, steps: int = 16, seed: int = 0, postprocess: bool = True
+        self, images: Any, *, steps: int = 16, seed: Seed = 0, postprocess: bool = True
     ) -> list[str]:
         """Images ``[b, H, W, 3]`` (uint8, or float in [0, 1]) -> captions."""
         n = len(_check_images(images, self.image_size))
@@ -170,7 +171,7 @@ class MudditPipeline:
         questions: Sequence[str],
         *,
         steps: int = 16,
-        seed: int = 0,
+        seed: Seed = 0,
         postprocess: bool = True,
     ) -> list[str]:
         """VQA: the ``<bos> question`` prefix stays fixed, the rest is decoded."""
@@ -188,7 +189,7 @@ class MudditPipeline:
         return np.tile(np.array([[s, s, 0.0, 0.0, DEFAULT_AESTHETIC]], np.float32), (b, 1))
 
     def _image_to_text(
-        self, images: Any, questions: Sequence[str], steps: int, seed: int, postprocess: bool
+        self, images: Any, questions: Sequence[str], steps: int, seed: Seed, postprocess: bool
     ) -> list[str]:
         tokens, prefix = self.text_tokens(images, questions, steps=steps, seed=seed)
         eos, texts = self.tokenizer.eos_id, []
@@ -200,7 +201,7 @@ class MudditPipeline:
         return texts
 
     def text_tokens(
-        self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: int = 0
+        self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: Seed = 0
     ) -> tuple[np.ndarray, np.ndarray]:
         """I2T/VQA decoding: ``(tokens [b, text_length], prefix_len [b])``; ``tokens[:, :prefix]``
         is ``<bos> question`` unchanged, the rest is generated."""
@@ -216,7 +217,7 @@ class MudditPipeline:
         fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
         cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id)
         out = self._program("i2t", cfg)(
-            self.params, pixels, ids, fixed, self._micro(len(ids)), jax.random.key(seed)
+            self.params, pixels, ids, fixed, self._micro(len(ids)), _keys(seed, len(ids))
         )
         return np.asarray(out), prefix
 
@@ -280,6 +281,17 @@ class MudditPipeline:
 
 # ---------------------------------------------------------------------------------------------
 # input checks
+
+
+def _keys(seed: Seed, b: int) -> jax.Array:
+    """One key for the batch (``int`` seed) or one key per example (a sequence of ``b`` seeds:
+    each example then samples the same whatever batch or device it is decoded in)."""
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.key(int(seed))
+    seeds = np.asarray(list(seed), np.uint32)
+    if seeds.shape != (b,):
+        raise ValueError(f"seed must be an int or one int per example ({b}), got {seeds.shape}")
+    return jax.vmap(jax.random.key)(seeds)
 
 
 def _check_texts(texts: Any, field: str) -> list[str]:

@@ -35,7 +35,7 @@ CLIP_CFG = dict(
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     """transformer/ vqvae/ text_encoder/ tokenizer/ + mask_token_embedding.pth, as Muddit ships."""
-    from tests.torch_reference.mmdit_torch import SymmetricTransformer2DModel, save_reference
+    from muddit_jax.port.torch_reference import SymmetricTransformer2DModel, save_reference
 
     root = tmp_path_factory.mktemp("muddit_pipeline")
     torch.manual_seed(0)

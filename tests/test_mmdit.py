@@ -26,7 +26,7 @@ from muddit_jax.port import io
 from muddit_jax.port.mapping import PortError, flatten
 from muddit_jax.port.mmdit import convert, export, key_map, load_pretrained, target_params
 from tests.helpers import assert_close, logical_axes_of
-from tests.torch_reference.mmdit_torch import (
+from muddit_jax.port.torch_reference import (
     SymmetricTransformer2DModel,
     prepare_ids,
     save_reference,

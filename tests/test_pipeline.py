@@ -42,6 +42,17 @@ def test_generate_images_deterministic_and_compiled_once(pipe):
     assert not np.array_equal(a, c), "the seed does not change the sample"
 
 
+def test_per_example_seeds_decode_independently_of_the_batch(pipe):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    full = pipe.generate(prompts, steps=3, seed=[11, 12, 13])
+    alone = pipe.generate(prompts[1:2], steps=3, seed=[12])
+    np.testing.assert_array_equal(full[1], alone[0])
+    caps = pipe.caption(full, steps=3, seed=[1, 2, 3])
+    assert pipe.caption(full[2:], steps=3, seed=[3]) == caps[2:]
+    with pytest.raises(ValueError, match="one int per example"):
+        pipe.generate(prompts, seed=[1, 2])
+
+
 def test_guidance_none_and_scale_one_agree(pipe):
     a = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=None)
     b = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=1.0)
@@ -72,8 +83,11 @@ def test_caption_and_answer_produce_text_once_compiled(pipe):
     assert caps == pipe.caption(images, steps=4, seed=0)
     answers = pipe.answer(images, ["a red circle", "a blue square"], steps=4)
     assert len(answers) == 2
-    i2t = [k for k in pipe._programs if k[0] == "i2t"]
-    assert len(i2t) == 1 and pipe._programs[i2t[0]]._cache_size() == 1
+    i2t = [k for k in pipe._programs if k[0] == "i2t" and k[1].num_steps == 4]
+    assert len(i2t) == 1, "captioning and VQA with the same sampler config share one program"
+    before = pipe._programs[i2t[0]]._cache_size()
+    pipe.answer(images[::-1], ["a green circle", "a blue circle"], steps=4, seed=5)
+    assert pipe._programs[i2t[0]]._cache_size() == before, "new inputs recompiled"
 
 
 def test_vqa_prefix_stays_fixed(pipe):

@@ -234,6 +234,10 @@ def sample(
     start as ``cfg.mask_id``. Returns the final tokens ``[b, n]`` (no mask id left when
     ``vocab_limit``/the mask id exclude it), plus the state after every step ``[T, b, n]`` if
     ``return_history``. Deterministic for a given ``rng``. Wrap with :func:`make_sampler`.
+
+    ``rng`` is one key for the whole batch, or one key per row (``[b]`` typed keys / ``[b, 2]``
+    raw keys): then each row's noise depends only on its own key, so a row decodes identically
+    whatever batch, device count or host it lands in (what sharded evaluation needs).
     """
     fixed = fixed.astype(bool)
     tokens = jnp.where(fixed, tokens.astype(jnp.int32), jnp.int32(cfg.mask_id))
@@ -251,19 +255,40 @@ def sample(
         else:
             guided = classifier_free_guidance(logits_fn, guidance_scale_at(step, cfg))
             logits = guided(context, state, timestep)
-        k_sample, k_conf = jax.random.split(jax.random.fold_in(rng, step))
+        k_sample, k_conf = _split_step_keys(rng, step)
         vocab = logits.shape[-1]
         if cfg.vocab_limit is not None:
             vocab = min(cfg.vocab_limit, vocab)
         sample_gumbel = None
         if cfg.sampling != "argmax":
-            sample_gumbel = jax.random.gumbel(k_sample, (b, n, vocab), jnp.float32)
-        conf_gumbel = jax.random.gumbel(k_conf, (b, n), jnp.float32)
+            sample_gumbel = _gumbel(k_sample, b, (n, vocab))
+        conf_gumbel = _gumbel(k_conf, b, (n,))
         new = denoise_step(logits, state, unknown, step, n_base, sample_gumbel, conf_gumbel, cfg)
         return new, (new if return_history else None)
 
     final, history = jax.lax.scan(body, tokens, jnp.arange(cfg.num_steps, dtype=jnp.int32))
     return (final, history) if return_history else final
+
+
+def _per_row(rng: Array) -> bool:
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return rng.ndim == (1 if typed else 2)
+
+
+def _split_step_keys(rng: Array, step: Array) -> tuple[Array, Array]:
+    """(sample key, confidence key) of ``step``, for one key or per-row keys."""
+    if _per_row(rng):
+        keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(rng)
+        return keys[:, 0], keys[:, 1]
+    k_sample, k_conf = jax.random.split(jax.random.fold_in(rng, step))
+    return k_sample, k_conf
+
+
+def _gumbel(rng: Array, b: int, row_shape: tuple[int, ...]) -> Array:
+    """Gumbel noise ``[b, *row_shape]`` from one key or from one key per row."""
+    if _per_row(rng):
+        return jax.vmap(lambda k: jax.random.gumbel(k, row_shape, jnp.float32))(rng)
+    return jax.random.gumbel(rng, (b, *row_shape), jnp.float32)
 
 
 def make_sampler(

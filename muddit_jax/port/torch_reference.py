@@ -5,6 +5,9 @@ Assembled from diffusers' Flux blocks (``FluxTransformerBlock``, ``FluxSingleTra
 ``Downsample2D``, ``Upsample2D``); the UViT conv embed, the MLM head and the down/up wrappers are
 written here. Inputs/outputs follow upstream: ``hidden_states`` ``[b, h, w]`` token ids, image
 logits ``[b, codebook, h, w]`` (NCHW), text logits ``[b, l, tokenizer_vocab_size]`` or ``None``.
+
+Needs the ``torch`` extra (torch + diffusers). Used by the parity tests and, with weights from
+:func:`muddit_jax.port.mmdit.export`, as the PyTorch side of the benchmarks in ``bench/``.
 """
 
 from __future__ import annotations

@@ -1,1 +1,0 @@
-"""PyTorch reference models with the official checkpoint key layouts (test-only)."""
