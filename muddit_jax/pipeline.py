@@ -54,6 +54,9 @@ class MudditPipeline:
       image_size: pixel resolution of generated / accepted images (square).
       text_length: token length of the text sequence (default: the text encoder's positions).
       dtype: compute dtype of the networks.
+      mesh: optional device mesh for data-parallel sampling: params are replicated on it and
+        every batch is split along its leading axis over all mesh devices (the batch size must
+        be a multiple of the device count).
     """
 
     config: MudditConfig
@@ -62,6 +65,7 @@ class MudditPipeline:
     image_size: int
     text_length: int | None = None
     dtype: Any = jnp.float32
+    mesh: jax.sharding.Mesh | None = None
     _programs: dict[tuple, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +85,9 @@ class MudditPipeline:
                 f"text_length {self.text_length} exceeds the text encoder's "
                 f"max_position_embeddings {self.config.text.max_position_embeddings}"
             )
+        if self.mesh is not None:
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            self.params = jax.device_put(self.params, replicated)
         self.muddit = Muddit(self.config, dtype=self.dtype)
         self.vq = VQModel(self.config.vq, dtype=self.dtype)
 
@@ -142,9 +149,9 @@ class MudditPipeline:
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
-        args = (self.params, ids, empty, self._micro(len(prompts)), _keys(seed, len(prompts)))
+        args = (ids, empty, self._micro(len(prompts)))
         if images is None:
-            images, codes = self._program("t2i", cfg)(*args)
+            images, codes = self._run("t2i", cfg, _keys(seed, len(prompts)), *args)
         else:
             pixels = _check_images(images, self.image_size)
             grid = self.image_size // self.config.vq.downsample_factor
@@ -154,7 +161,9 @@ class MudditPipeline:
                     f"keep must be [{len(prompts)}, {grid}, {grid}] (one code-grid mask per prompt) "
                     f"and images one per prompt; got keep {keep.shape}, {len(pixels)} images"
                 )
-            images, codes = self._program("inpaint", cfg)(*args, pixels, keep)
+            images, codes = self._run(
+                "inpaint", cfg, _keys(seed, len(prompts)), *args, pixels, keep
+            )
         images = np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
         return (images, np.asarray(codes)) if return_codes else images
 
@@ -216,10 +225,25 @@ class MudditPipeline:
             )
         fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
         cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id)
-        out = self._program("i2t", cfg)(
-            self.params, pixels, ids, fixed, self._micro(len(ids)), _keys(seed, len(ids))
-        )
+        out = self._run("i2t", cfg, _keys(seed, len(ids)), pixels, ids, fixed, self._micro(len(ids)))
         return np.asarray(out), prefix
+
+    def _run(self, task: str, cfg: SamplerConfig, rng: jax.Array, *batch: Any) -> Any:
+        """Run the compiled ``task`` program on batch arrays (sharded over ``mesh`` if set)."""
+        if self.mesh is not None:
+            n = self.mesh.devices.size
+            if len(batch[0]) % n:
+                raise ValueError(
+                    f"batch size {len(batch[0])} is not a multiple of the mesh's {n} devices; "
+                    "pad the batch"
+                )
+            P = jax.sharding.PartitionSpec
+            split = jax.sharding.NamedSharding(self.mesh, P(self.mesh.axis_names))
+            batch = tuple(jax.device_put(x, split) for x in batch)
+            rng = jax.device_put(
+                rng, split if rng.ndim else jax.sharding.NamedSharding(self.mesh, P())
+            )
+        return self._program(task, cfg)(self.params, rng, *batch)
 
     def _program(self, task: str, cfg: SamplerConfig) -> Callable:
         key = (task, cfg)
@@ -243,7 +267,7 @@ class MudditPipeline:
             )
             return logits.reshape(tokens.shape[0], grid * grid, -1)
 
-        def program(params, ids, empty_ids, micro, rng, pixels=None, keep=None):
+        def program(params, rng, ids, empty_ids, micro, pixels=None, keep=None):
             p = {"text_encoder": params["text_encoder"], "mmdit": params["mmdit"]}
             b = ids.shape[0]
             text = jnp.concatenate([ids, empty_ids]) if cfg.guidance_scale is not None else ids
@@ -269,7 +293,7 @@ class MudditPipeline:
             _, text_logits = muddit.apply({"params": p}, codes, tokens, t, micro)
             return text_logits
 
-        def program(params, pixels, ids, fixed, micro, rng):
+        def program(params, rng, pixels, ids, fixed, micro):
             p = {"text_encoder": params["text_encoder"], "mmdit": params["mmdit"]}
             codes = vq.apply({"params": params["vq"]}, pixels, method=VQModel.encode)
             return sample(logits_fn, (p, codes, micro), ids, fixed, rng, cfg)

@@ -41,3 +41,28 @@ def logical_axes_of(boxed_params: Any) -> set[str]:
         assert len(leaf.names) == leaf.value.ndim, f"axis names {leaf.names} vs {leaf.value.shape}"
         names.update(n for n in leaf.names if n is not None)
     return names
+
+
+SHAPE_CORPUS = [
+    f"a {size} {c1} {s1} to the {side} of a {c2} {s2}."
+    for size in ("small", "large")
+    for c1 in ("red", "green", "blue", "yellow", "purple", "orange")
+    for s1 in ("circle", "square", "triangle")
+    for c2 in ("red", "green", "blue")
+    for s2 in ("circle", "square")
+    for side in ("left", "right")
+]
+
+
+def tiny_pipeline(folder: Any, image_size: int = 16, mesh: Any = None) -> Any:
+    """A random-init tiny MudditPipeline with a SentencePiece tokenizer trained in ``folder``
+    (deterministic: the same call gives the same tokenizer and params in any process)."""
+    from pathlib import Path
+
+    from muddit_jax.models.muddit import MudditConfig
+    from muddit_jax.models.tokenizers import SentencePieceTokenizer
+    from muddit_jax.pipeline import MudditPipeline
+
+    tok = SentencePieceTokenizer.train(SHAPE_CORPUS, 48, Path(folder) / "sp.model")
+    config = MudditConfig.tiny(tok.vocab_size, codebook_size=32, width=32)
+    return MudditPipeline.random_init(config, tok, image_size, seed=0, mesh=mesh)

@@ -6,28 +6,15 @@ import numpy as np
 import pytest
 
 from muddit_jax.models.muddit import MudditConfig
-from muddit_jax.models.tokenizers import SentencePieceTokenizer
-from muddit_jax.pipeline import MudditPipeline, clean_caption
+from muddit_jax.pipeline import clean_caption
+from tests.helpers import tiny_pipeline
 
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = ["circle", "square", "triangle"]
-CORPUS = [
-    f"a {size} {c1} {s1} to the {side} of a {c2} {s2}."
-    for size in ("small", "large")
-    for c1 in COLORS
-    for s1 in SHAPES
-    for c2 in COLORS[:3]
-    for s2 in SHAPES[:2]
-    for side in ("left", "right")
-]
 IMAGE_SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    tok = SentencePieceTokenizer.train(CORPUS, 48, tmp_path_factory.mktemp("sp") / "sp.model")
-    config = MudditConfig.tiny(tok.vocab_size, codebook_size=32, width=32)
-    return MudditPipeline.random_init(config, tok, IMAGE_SIZE, seed=0)
+    return tiny_pipeline(tmp_path_factory.mktemp("sp"), IMAGE_SIZE)
 
 
 def test_generate_images_deterministic_and_compiled_once(pipe):

@@ -362,6 +362,8 @@ class MMDiT(nn.Module):
       config: the upstream config.
       dtype / param_dtype: compute / storage dtypes (logits are returned in float32).
       remat: rematerialise each block in the backward pass (``nn.remat``).
+      remat_policy: name of a ``jax.checkpoint_policies`` policy for ``remat`` (e.g.
+        ``"dots_with_no_batch_dims_saveable"``); ``None`` saves nothing (full recompute).
       scan_layers: ``nn.scan`` over the dual blocks and over the single blocks; their params are
         stacked on a leading ``layers`` axis under ``transformer_blocks`` /
         ``single_transformer_blocks`` instead of ``transformer_blocks_{i}`` (see
@@ -373,13 +375,17 @@ class MMDiT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    remat_policy: str | None = None
 
     def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, temb, cos, sin):
         if length == 0:
             return carry
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.remat:
-            cls = nn.remat(cls, prevent_cse=not self.scan_layers)
+            policy = None
+            if self.remat_policy:
+                policy = getattr(jax.checkpoint_policies, self.remat_policy)
+            cls = nn.remat(cls, prevent_cse=not self.scan_layers, policy=policy)
         if self.scan_layers:
             scanned = nn.scan(
                 cls,

@@ -85,12 +85,14 @@ class Muddit(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    remat_policy: str | None = None
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.text_encoder = CLIPTextEncoder(self.config.text, **kw)
         self.mmdit = MMDiT(
-            self.config.mmdit, remat=self.remat, scan_layers=self.scan_layers, **kw
+            self.config.mmdit, remat=self.remat, scan_layers=self.scan_layers,
+            remat_policy=self.remat_policy, **kw,
         )
 
     def encode_text(self, text_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,268 @@
+"""Benchmark 1: one training step (fwd + bwd + AdamW, masked ELBO over image AND text tokens),
+JAX jitted vs PyTorch eager, same architecture, same weights, same batch.
+
+JAX: ``Muddit`` (text encoder + MM-DiT) under :func:`muddit_jax.diffusion.loss.make_loss_fn`
+(``mode="split"``: half T2I rows, half I2T rows in one forward; ``weighting="elbo"``) +
+``optax.adamw``, one ``jax.jit`` with the params and optimizer state donated. PyTorch:
+transformers' ``CLIPTextModelWithProjection`` + the reference ``SymmetricTransformer2DModel``
+loaded with the SAME weights through ``muddit_jax.port`` export (``bench.common.torch_muddit``),
+the same loss written in torch (:func:`torch_loss`) and ``torch.optim.AdamW(fused=True)``. Both
+sides train every parameter (text encoder included) and re-encode the masked text each step.
+
+``python -m bench.train_step [--smoke] [--json PATH] [--sizes tiny,small,base]``
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bench import common
+from muddit_jax.diffusion.loss import LossConfig, make_loss_fn
+from muddit_jax.models.muddit import Muddit
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
+ITERS = {"tiny": 10, "small": 5, "base": 3}
+
+
+def loss_config(size: common.BenchSize) -> LossConfig:
+    return LossConfig(
+        image_mask_id=size.config.mmdit.mask_token_id,
+        text_mask_id=size.mask_text_id,
+        empty_text_ids=common.empty_text_ids(size),
+        mode="split",
+        weighting="elbo",
+        cond_dropout=0.1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX
+
+
+def make_jax_step(
+    size: common.BenchSize,
+    *,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+    scan_layers: bool = False,
+) -> tuple[Callable, optax.GradientTransformation]:
+    """``step(params, opt_state, batch, rng, i) -> (params, opt_state, metrics)``, jitted, donated.
+
+    STAND-IN for the trainer's ``muddit_jax.train`` step (written in parallel): swap it in here
+    once it lands; the measured program (value_and_grad of the loss + AdamW) is the same.
+    """
+    model = Muddit(size.config, dtype=dtype, remat=remat, scan_layers=scan_layers)
+
+    def forward_fn(params, image_ids, text_ids, timestep, micro_conds):
+        return model.apply({"params": params}, image_ids, text_ids, timestep, micro_conds)
+
+    loss_fn = make_loss_fn(forward_fn, loss_config(size))
+    tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def step(params, opt_state, batch, rng, i):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, i))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1)), tx
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch mirror of muddit_jax.diffusion.loss (split mode, elbo weighting, cosine schedule)
+
+
+def _random_mask(valid, ratio, gen):
+    """Mask exactly ``clip(round(n_valid * ratio), 1, n_valid)`` valid positions per row."""
+    import torch
+
+    n = valid.sum(-1)
+    k = torch.minimum(torch.clamp(torch.round(n * ratio), min=1), n)
+    scores = torch.where(valid, torch.rand(valid.shape, generator=gen), 2.0)
+    ranks = scores.argsort(-1).argsort(-1)
+    return (ranks < k[:, None]) & valid
+
+
+def torch_loss(model, batch: dict, cfg: LossConfig, gen) -> Any:
+    """The JAX loss (``mode="split"``, ``weighting="elbo"``, cosine schedule) in torch."""
+    import torch
+    import torch.nn.functional as F
+
+    image_ids, text_ids, valid = batch["image_ids"], batch["text_ids"], batch["text_valid"]
+    b, h, w = image_ids.shape
+    l = text_ids.shape[1]
+    u_img, u_txt = torch.rand(b, generator=gen), torch.rand(b, generator=gen)
+    r_img, r_txt = torch.cos(0.5 * math.pi * u_img), torch.cos(0.5 * math.pi * u_txt)
+    img_rows = torch.arange(b) < b // 2
+    drop = (torch.rand(b, generator=gen) < cfg.cond_dropout) & img_rows
+    empty = torch.tensor(cfg.empty_text_ids)[None]
+    text_cond = torch.where(drop[:, None], empty, text_ids)
+
+    img_mask = _random_mask(torch.ones(b, h * w, dtype=torch.bool), r_img, gen).view(b, h, w)
+    img_mask &= img_rows[:, None, None]
+    txt_mask = _random_mask(valid, r_txt, gen) & ~img_rows[:, None]
+    image_in = torch.where(img_mask, cfg.image_mask_id, image_ids)
+    text_in = torch.where(txt_mask, cfg.text_mask_id, text_cond)
+    timestep = torch.where(img_rows, r_img, r_txt)
+    image_logits, text_logits = model(image_in, text_in, timestep, batch["micro_conds"])
+
+    def weight(u):  # MDLM NELBO weight of the cosine schedule at t = 1 - u
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * u) / torch.clamp(
+            torch.cos(0.5 * math.pi * u), min=cfg.ratio_floor
+        )
+
+    img_ce = F.cross_entropy(image_logits, image_ids, reduction="none")  # NCHW logits
+    txt_ce = F.cross_entropy(text_logits.transpose(1, 2), text_ids, reduction="none")
+    img_loss = (img_ce * img_mask).sum((1, 2)) / (h * w) * weight(u_img)
+    txt_loss = (txt_ce * txt_mask).sum(1) / l * weight(u_txt)
+    loss = img_loss[img_rows].mean() + cfg.text_loss_weight * txt_loss[~img_rows].mean()
+    with torch.no_grad():  # the JAX loss reports argmax accuracies too
+        _ = (image_logits.argmax(1) == image_ids)[img_mask].float().mean()
+        _ = (text_logits.argmax(-1) == text_ids)[txt_mask].float().mean()
+    return loss
+
+
+def make_torch_step(size: common.BenchSize, params: dict) -> Callable[[dict], Any]:
+    """``step(batch) -> loss`` on the torch twin, AdamW(fused) with the JAX hyper-parameters."""
+    import torch
+
+    model = common.torch_muddit(size.config, params, size.grid).train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True
+    )
+    cfg, gen = loss_config(size), torch.Generator().manual_seed(0)
+
+    def step(batch: dict) -> Any:
+        opt.zero_grad(set_to_none=True)
+        loss = torch_loss(model, batch, cfg, gen)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def torch_batch(batch: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    out = {k: torch.from_numpy(v) for k, v in batch.items()}
+    out["image_ids"], out["text_ids"] = out["image_ids"].long(), out["text_ids"].long()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def run_jax(size: common.BenchSize, iters: int, **options: Any) -> dict[str, Any]:
+    """Time the jitted step; asserts one compile then none across steps."""
+    params = common.init_params(size, scan_layers=options.get("scan_layers", False))
+    step, tx = make_jax_step(size, **options)
+    opt_state = jax.jit(tx.init)(params)
+    batch = {k: jnp.asarray(v) for k, v in common.make_batch(size).items()}
+    rng, i = jax.random.key(0), 0
+
+    def call():
+        nonlocal params, opt_state, i
+        params, opt_state, metrics = step(params, opt_state, batch, rng, jnp.int32(i))
+        i += 1
+        return metrics["loss"]
+
+    with common.CompileCounter() as cc:
+        loss0 = float(common.block(call()))
+    with common.no_recompiles(f"jax train step {size.name}"):
+        timing = common.time_calls(call, iters, warmup=1)
+    return {"timing": timing, "compiles": cc.count, "compile_s": cc.seconds, "loss0": loss0}
+
+
+def run_torch(size: common.BenchSize, iters: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
+    step = make_torch_step(size, common.init_params(size))
+    batch = torch_batch(common.make_batch(size))
+    loss0 = float(step(batch))
+    return {"timing": common.time_calls(lambda: step(batch), iters, warmup=1), "loss0": loss0}
+
+
+def bench_size(size: common.BenchSize, iters: int, variants: dict[str, dict]) -> list[common.Row]:
+    import torch
+
+    rows = []
+    n_params = common.param_count(common.init_params(size))
+    ref = run_torch(size, iters)
+    t_torch = ref["timing"].median
+    base = dict(size=size.name, params_M=n_params / 1e6, batch=size.batch, tokens=size.tokens)
+    rows.append(
+        dict(
+            base,
+            impl=f"torch {torch.__version__} eager",
+            step_s=t_torch,
+            examples_s=size.batch / t_torch,
+            tokens_s=size.batch * size.tokens / t_torch,
+            vs_torch=1.0,
+            loss0=ref["loss0"],
+        )
+    )
+    for name, options in variants.items():
+        out = run_jax(size, iters, **options)
+        t = out["timing"].median
+        rows.append(
+            dict(
+                base,
+                impl=f"jax {name}",
+                step_s=t,
+                examples_s=size.batch / t,
+                tokens_s=size.batch * size.tokens / t,
+                vs_torch=t_torch / t,
+                loss0=out["loss0"],
+                compiles=out["compiles"],
+                compile_s=out["compile_s"],
+            )
+        )
+    return rows
+
+
+VARIANTS = {
+    "fp32": {},
+    "fp32 scan": {"scan_layers": True},
+    "bf16": {"dtype": jnp.bfloat16},
+}
+COLUMNS = [
+    "size", "params_M", "batch", "tokens", "impl", "step_s", "examples_s", "tokens_s",
+    "vs_torch", "loss0", "compiles", "compile_s",
+]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,small,base")
+    args = p.parse_args(argv)
+    names = ["tiny"] if args.smoke else args.sizes.split(",")
+    variants = {"fp32": {}} if args.smoke else VARIANTS
+    rows = []
+    for name in names:
+        iters = 1 if args.smoke else ITERS.get(name, 3)
+        rows += bench_size(common.SIZES[name], iters, variants)
+    jax_rows = [r for r in rows if r["impl"] == "jax fp32"]
+    summary = {r["size"]: round(r["vs_torch"], 3) for r in jax_rows}
+    return common.finish(
+        "train_step",
+        args,
+        {"step time (median), JAX vs PyTorch eager": (rows, COLUMNS)},
+        speedup_fp32=summary,
+        target="jax fp32 >= 1.5x torch eager on CPU",
+        target_met={k: v >= 1.5 for k, v in summary.items()},
+        text_encoder="both sides run the CLIP text tower (transformers on the torch side) on the "
+        "masked text ids inside the step; all parameters are trained",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Captioning and VQA evaluators (CIDEr-D / BLEU-4 and VQAv2 accuracy) over the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from muddit_jax.eval.base import Evaluator, Example, register, stack_images
+from muddit_jax.eval.cider import bleu4, cider_d
+from muddit_jax.eval.text_norm import normalize_caption
+from muddit_jax.eval.vqa_accuracy import vqa_score
+
+
+@register("caption")
+class CaptionEvaluator(Evaluator):
+    """Examples: ``{"id", "image" [H, W, 3] uint8, "captions": [str, ...]}``."""
+
+    def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
+        return pipe.caption(stack_images(batch), steps=self.steps, seed=list(seeds))
+
+    def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
+        ids = [str(e["id"]) for e in examples]
+        cands = {i: normalize_caption(predictions[i]) for i in ids}
+        refs = {str(e["id"]): [normalize_caption(c) for c in e["captions"]] for e in examples}
+        return {"cider_d": cider_d(cands, refs)[0], "bleu4": bleu4(cands, refs)[0]}
+
+
+@register("vqa")
+class VQAEvaluator(Evaluator):
+    """Examples: ``{"id", "image", "question": str, "answers": [10 human answers]}``."""
+
+    def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
+        questions = [e["question"] for e in batch]
+        return pipe.answer(stack_images(batch), questions, steps=self.steps, seed=list(seeds))
+
+    def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
+        answers = {str(e["id"]): list(e["answers"]) for e in examples}
+        mean, _ = vqa_score({i: predictions[i] for i in answers}, answers, normalize_humans=True)
+        return {"vqa_accuracy": mean}

@@ -1,0 +1,1 @@
+"""Training: config defaults, optimizer, train state, the pure train step, checkpoints, the loop."""
