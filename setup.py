@@ -17,6 +17,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.26",
         "pillow>=10",
+        "scipy>=1.10",
     ],
     extras_require={
         # Porting PyTorch checkpoints and the parity tests. Install torch first with the
