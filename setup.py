@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "muddit-convert=muddit_jax.cli.convert:main",
             "muddit-smoke=muddit_jax.cli.smoke:main",
+            "muddit-sample=muddit_jax.cli.sample:main",
         ]
     },
 )
