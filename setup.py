@@ -18,6 +18,10 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "scipy>=1.10",
+        # datasets: TFDS builders written/read as ArrayRecord without TensorFlow, grain reader
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "array-record>=0.8",
     ],
     extras_require={
         # Porting PyTorch checkpoints and the parity tests. Install torch first with the
@@ -30,6 +34,7 @@ setup(
             "muddit-convert=muddit_jax.cli.convert:main",
             "muddit-smoke=muddit_jax.cli.smoke:main",
             "muddit-sample=muddit_jax.cli.sample:main",
+            "muddit-pretokenize=muddit_jax.cli.pretokenize:main",
         ]
     },
 )

@@ -1,10 +1,9 @@
-"""The record layout every muddit dataset shares, and the TFDS builder base class.
+"""The record layout every muddit dataset shares, and how records are written.
 
 Owns the common TFDS features (``image`` = the encoded file bytes as found on disk, ``image_id``,
-``captions``, optional flattened VQA fields), the :class:`Builder` base (ArrayRecord output, a
-local ``source_dir`` checked up front, skip counts saved in ``metadata.json``), the
+``captions``, optional flattened VQA fields), deterministic record serialization, the
 :class:`SkipCounter` used at build and read time, and small helpers (bytes -> str, image probing,
-atomic file writes).
+atomic file writes). The builder base class is :mod:`muddit_jax.data.builder`.
 
 TensorFlow is not needed: TFDS builds and reads ArrayRecord datasets without it as long as no
 feature needs TF to encode. ``tfds.features.Image`` and nested ragged sequences do, so images are
@@ -15,16 +14,19 @@ parallel top-level sequences with exactly :data:`NUM_ANSWERS` answers per questi
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
+FILE_MODE = 0o644  # temp files are created 0600; finished files get the usual mode
 NUM_ANSWERS = 10  # VQAv2 keeps 10 human answers; single-answer datasets repeat theirs 10 times
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VQA_FIELDS = ("question_id", "question", "answers", "question_type", "answer_type",
@@ -68,6 +70,36 @@ def features(*, vqa: bool = False, **extra: Any) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict(spec)
 
 
+def serialize(serializer: example_serializer.ExampleSerializer, example: Any) -> bytes:
+    """``tf.train.Example`` bytes with map entries in key order (protobuf's default map order
+    follows a per-process hash seed, which would make files differ from run to run)."""
+    return serializer.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+@contextlib.contextmanager
+def deterministic_serialization() -> Iterator[None]:
+    """Make TFDS's writer use :func:`serialize` while the block runs (a scoped patch: TFDS has
+    no option for it), so a build gives the same bytes in every process."""
+    cls = example_serializer.ExampleSerializer
+    original = cls.serialize_example
+    cls.serialize_example = serialize
+    try:
+        yield
+    finally:
+        cls.serialize_example = original
+
+
+class RecordEncoder:
+    """Record -> deterministic serialized bytes, for files written outside TFDS's writer."""
+
+    def __init__(self, features_dict: tfds.features.FeaturesDict):
+        self.features = features_dict
+        self.serializer = example_serializer.ExampleSerializer(features_dict.get_serialized_info())
+
+    def __call__(self, record: Mapping[str, Any]) -> bytes:
+        return serialize(self.serializer, self.features.encode_example(record))
+
+
 def as_str(x: Any) -> str:
     """TFDS text (bytes) or str -> str."""
     return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
@@ -104,6 +136,7 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -137,60 +170,3 @@ class SkipCounter:
                 SkippedExamplesWarning,
                 stacklevel=3,
             )
-
-
-class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of the muddit TFDS builders (not registered in TFDS's global catalog).
-
-    Writes ArrayRecord (random access, what grain reads). ``source_dir`` is the local folder a
-    builder reads raw files from (``None`` for generated data); it is only needed to build.
-    Skip counts per split end up in ``metadata.json`` under ``"skipped"``.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    DESCRIPTION = ""
-    LAYOUT_HINT = "the raw files"  # what source_dir must hold, for error messages
-
-    def __init__(self, *, data_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
-                 **kwargs: Any):
-        self.source_dir = None if source_dir is None else Path(source_dir).expanduser()
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(data_dir=os.fspath(Path(data_dir).expanduser()), **kwargs)
-
-    def _features(self) -> tfds.features.FeaturesDict:
-        raise NotImplementedError
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self.DESCRIPTION,
-            features=self._features(),
-            metadata=tfds.core.MetadataDict(),
-        )
-
-    @property
-    def is_prepared(self) -> bool:
-        return (Path(self.data_dir) / "dataset_info.json").is_file()
-
-    def require_source(self, *parts: str) -> Path:
-        """``source_dir / parts`` or a clear error naming the missing path and the option."""
-        if self.source_dir is None:
-            raise ValueError(f"dataset {self.name!r} needs source_dir=<folder with the raw files>")
-        path = self.source_dir.joinpath(*parts)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{self.name}: {path} does not exist; set source_dir to the folder with "
-                f"{self.LAYOUT_HINT}"
-            )
-        return path
-
-    def skip_counter(self, split: str) -> SkipCounter:
-        return SkipCounter(f"{self.name}/{split}")
-
-    def finish_split(self, split: str, counter: SkipCounter) -> None:
-        """Record ``counter`` in the dataset metadata and warn once with the split's total."""
-        skipped = dict(self.info.metadata.get("skipped", {}))
-        skipped[split] = dict(sorted(counter.counts.items()))
-        self.info.metadata["skipped"] = skipped
-        counter.warn(" (build finished)")

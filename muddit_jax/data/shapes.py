@@ -1,9 +1,10 @@
 """The embedded ``shapes`` dataset: 1-4 flat-coloured shapes on a light background, no download.
 
-Owns the palette, scene sampling, the rasteriser, captions, VQA pairs, the compositional split
-and the TFDS builder. Every example is a pure function of ``(config, split, index)`` (a numpy
-``Generator`` seeded with ``[seed, split_id, index]``): builds are reproducible byte for byte and
-any index range can be generated on its own.
+Owns the palette, scene sampling, the rasteriser, captions, VQA pairs and the compositional
+split; pure numpy (the TFDS builder is :mod:`muddit_jax.data.shapes_tfds`). Every example is a
+pure function of ``(config, split, index)`` (a numpy ``Generator`` seeded with ``[seed,
+split_id, index]``): builds are reproducible byte for byte and any index range can be generated
+on its own.
 
 Ground truth per image: ``objects`` (shape, color, size, bbox ``[x0, y0, x1, y1)`` in pixels).
 What a pixel detector may rely on: object pixels are exactly their palette colour and lie inside
@@ -29,9 +30,6 @@ import io
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
-
-from muddit_jax.data import schema
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (200, 20, 20),
@@ -297,7 +295,8 @@ def questions(scene: Scene, split: str, rng: np.random.Generator) -> tuple[QA, .
         o = _pick(rng, objs)
         qa.append(QA(f"is there {_article(o.color)} {o.name}?", "yes", "exists", "yes/no"))
     else:
-        absent = [p for p in ALL_PAIRS if p not in present and (split == "test" or p not in HELD_OUT)]
+        absent = [p for p in ALL_PAIRS
+                  if p not in present and (split == "test" or p not in HELD_OUT)]
         c, s = _pick(rng, absent)
         qa.append(QA(f"is there {_article(c)} {c} {s}?", "no", "exists", "yes/no"))
     return tuple(qa)
@@ -318,60 +317,3 @@ def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
-
-
-def to_record(example: ShapesExample, split: str, index: int) -> dict[str, Any]:
-    """The TFDS record of an example (see :meth:`Shapes._features`)."""
-    scene, qa = example.scene, example.qa
-    return {
-        "image": encode_png(example.image),
-        "image_id": f"{split}/{index:08d}",
-        "captions": list(example.captions),
-        "vqa": {
-            "question_id": [index * 16 + k for k in range(len(qa))],
-            "question": [q.question for q in qa],
-            "answers": [np.array([q.answer] * schema.NUM_ANSWERS, dtype=object) for q in qa],
-            "question_type": [q.question_type for q in qa],
-            "answer_type": [q.answer_type for q in qa],
-            "multiple_choice_answer": [q.answer for q in qa],
-        },
-        "objects": {
-            "shape": [o.shape for o in scene.objects],
-            "color": [o.color for o in scene.objects],
-            "size": [o.size for o in scene.objects],
-            "bbox": [np.array(o.bbox, np.int32) for o in scene.objects],
-        },
-        "background": scene.background,
-        "held_out": any((o.color, o.shape) in HELD_OUT for o in scene.objects),
-    }
-
-
-class Shapes(schema.Builder):
-    """TFDS builder of :func:`generate`; options are the :class:`ShapesConfig` fields."""
-
-    name = "shapes"
-    DESCRIPTION = "Synthetic flat-coloured shapes with captions, VQA and object ground truth."
-
-    def __init__(self, *, data_dir: Any, config: ShapesConfig | None = None, **options: Any):
-        self.shapes = config if config is not None else ShapesConfig(**options)
-        super().__init__(data_dir=data_dir, config=tfds.core.BuilderConfig(
-            name=self.shapes.name, description=repr(self.shapes)))
-
-    def _features(self) -> tfds.features.FeaturesDict:
-        text = tfds.features.Text()
-        return schema.features(
-            vqa=True,
-            objects=tfds.features.Sequence({
-                "shape": text, "color": text, "size": text,
-                "bbox": tfds.features.Tensor(shape=(4,), dtype=np.int32),
-            }),
-            background=text,
-            held_out=np.bool_,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-        return {split: self._generate_examples(split) for split in SPLITS}
-
-    def _generate_examples(self, split: str):
-        for index in range(self.shapes.num_examples(split)):
-            yield index, to_record(generate(self.shapes, split, index), split, index)
