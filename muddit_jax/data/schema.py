@@ -16,17 +16,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
-FILE_MODE = 0o644  # temp files are created 0600; finished files get the usual mode
+from muddit_jax.files import FILE_MODE, write_bytes_atomic  # noqa: F401  (re-exported)
+
 NUM_ANSWERS = 10  # VQAv2 keeps 10 human answers; single-answer datasets repeat theirs 10 times
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VQA_FIELDS = ("question_id", "question", "answers", "question_type", "answer_type",
@@ -126,21 +124,6 @@ def probe_image(data: bytes) -> tuple[int, int] | None:
 def clean_captions(captions: Iterable[Any]) -> list[str]:
     """Stripped, non-empty captions."""
     return [c for c in (as_str(x).strip() for x in captions) if c]
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SkipCounter:

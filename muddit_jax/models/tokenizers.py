@@ -19,12 +19,13 @@ import io
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from muddit_jax.files import write_bytes_atomic
 
 MASK_TOKEN = "<mask>"
 
@@ -64,19 +65,6 @@ def _rows(ids: Any) -> list[list[int]]:
     if arr.ndim != 2:
         raise ValueError(f"expected ids of shape [b, l], got {arr.shape}")
     return [[int(i) for i in row] for row in arr]
-
-
-def _write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +134,7 @@ class SentencePieceTokenizer:
             shuffle_input_sentence=False,
             minloglevel=2,
         )
-        _write_atomic(buf.getvalue(), Path(model_path))
+        write_bytes_atomic(buf.getvalue(), Path(model_path))
         return cls(buf.getvalue())
 
     def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from muddit_jax.files import atomic_path, write_json_atomic  # noqa: F401  (re-exported)
 from muddit_jax.port.mapping import PortError
 
 WEIGHT_NAMES = (
@@ -135,32 +135,8 @@ def _load_pickle(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Write ``state_dict`` atomically (temp file in the same folder, then rename)."""
+    """Write ``state_dict`` as a safetensors file atomically."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(tmp))
