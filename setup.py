@@ -22,6 +22,7 @@ setup(
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
         "array-record>=0.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # Porting PyTorch checkpoints and the parity tests. Install torch first with the
@@ -35,6 +36,7 @@ setup(
             "muddit-smoke=muddit_jax.cli.smoke:main",
             "muddit-sample=muddit_jax.cli.sample:main",
             "muddit-pretokenize=muddit_jax.cli.pretokenize:main",
+            "muddit-train=muddit_jax.cli.train:main",
         ]
     },
 )

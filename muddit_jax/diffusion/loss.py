@@ -77,10 +77,15 @@ def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     """Per-example summed CE over ``mask`` and number of correct argmax predictions there.
 
     ``logits [b, ..., V]``, ``targets``/``mask [b, ...]`` -> ``([b] f32, [b] f32)``.
+
+    The target logit is picked with a one-hot select rather than a gather: the gather's gradient
+    is a scatter, which XLA CPU runs serially (it was ~40% of a small train step on CPU).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tgt = jnp.clip(targets, 0, logits.shape[-1] - 1)[..., None]
-    ce = -jnp.take_along_axis(logp, tgt, axis=-1)[..., 0]
+    logits32 = logits.astype(jnp.float32)
+    tgt = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    onehot = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
+    picked = jnp.sum(jnp.where(onehot, logits32, 0.0), axis=-1)
+    ce = jax.nn.logsumexp(logits32, axis=-1) - picked
     correct = jnp.argmax(logits, axis=-1) == targets
     axes = tuple(range(1, mask.ndim))
     ce_sum = jnp.where(mask, ce, 0.0).sum(axes)

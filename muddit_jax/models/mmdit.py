@@ -179,6 +179,7 @@ class Attention(nn.Module):
     context: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
 
     def _qkv(self, x: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -204,7 +205,9 @@ class Attention(nn.Module):
             )
             qkv = [jnp.concatenate([c, i], axis=1) for c, i in zip(ctx, qkv, strict=True)]
         q, k, v = qkv
-        out = layers.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        out = layers.attention(
+            apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation=self.attention_impl
+        )
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
         if not self.context:
             return out
@@ -223,6 +226,7 @@ class DualStreamBlock(nn.Module):
     config: MMDiTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -238,6 +242,7 @@ class DualStreamBlock(nn.Module):
             self.config.num_attention_heads,
             self.config.attention_head_dim,
             context=True,
+            attention_impl=self.attention_impl,
             name="attn",
             **kw,
         )(n_img, n_txt, cos, sin)
@@ -260,6 +265,7 @@ class SingleStreamBlock(nn.Module):
     config: MMDiTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
 
     @nn.compact
     def __call__(
@@ -269,7 +275,11 @@ class SingleStreamBlock(nn.Module):
         h, (gate,) = AdaNormZero(3, name="norm", **kw)(x, temb)
         mlp = layers.gelu_tanh(layers.dense(4 * d, ("embed", "mlp"), name="proj_mlp", **kw)(h))
         attn = Attention(
-            self.config.num_attention_heads, self.config.attention_head_dim, name="attn", **kw
+            self.config.num_attention_heads,
+            self.config.attention_head_dim,
+            attention_impl=self.attention_impl,
+            name="attn",
+            **kw,
         )(h, None, cos, sin)
         out = layers.dense(d, ("mlp", "embed"), name="proj_out", **kw)(
             jnp.concatenate([attn, mlp], axis=-1)
@@ -368,6 +378,8 @@ class MMDiT(nn.Module):
         stacked on a leading ``layers`` axis under ``transformer_blocks`` /
         ``single_transformer_blocks`` instead of ``transformer_blocks_{i}`` (see
         :func:`stack_block_params`).
+      attention_impl: ``jax.nn.dot_product_attention`` implementation (``None``/``"xla"``/
+        ``"cudnn"``, see :func:`muddit_jax.models.layers.attention`).
     """
 
     config: MMDiTConfig
@@ -376,11 +388,17 @@ class MMDiT(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_impl: str | None = None
 
     def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, temb, cos, sin):
         if length == 0:
             return carry
-        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(
+            config=self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+        )
         if self.remat:
             policy = None
             if self.remat_policy:

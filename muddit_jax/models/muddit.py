@@ -78,7 +78,11 @@ class MudditConfig:
 
 
 class Muddit(nn.Module):
-    """Text encoder + MM-DiT. Params: ``{"text_encoder": ..., "mmdit": ...}``."""
+    """Text encoder + MM-DiT. Params: ``{"text_encoder": ..., "mmdit": ...}``.
+
+    ``remat`` / ``remat_policy`` / ``scan_layers`` / ``attention_impl`` are MM-DiT options (the
+    77-token CLIP tower keeps JAX's default attention).
+    """
 
     config: MudditConfig
     dtype: Dtype = jnp.float32
@@ -86,13 +90,14 @@ class Muddit(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     remat_policy: str | None = None
+    attention_impl: str | None = None
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.text_encoder = CLIPTextEncoder(self.config.text, **kw)
         self.mmdit = MMDiT(
             self.config.mmdit, remat=self.remat, scan_layers=self.scan_layers,
-            remat_policy=self.remat_policy, **kw,
+            remat_policy=self.remat_policy, attention_impl=self.attention_impl, **kw,
         )
 
     def encode_text(self, text_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -1,1 +1,2 @@
-"""Mesh construction and the single logical-axis to mesh-axis rules table."""
+"""Parallelism: the mesh (``mesh``), the logical-axis rules table (``rules``), logical -> mesh
+shardings and global batches (``sharding``), multi-process start-up (``distributed``)."""

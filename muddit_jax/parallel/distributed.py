@@ -32,7 +32,8 @@ def _in_cluster() -> bool:
     slurm = _env_int("SLURM_NTASKS") or 1
     ompi = _env_int("OMPI_COMM_WORLD_SIZE") or 1
     tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    return slurm > 1 or ompi > 1 or len(tpu_hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    megascale = "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+    return slurm > 1 or ompi > 1 or len(tpu_hosts) > 1 or megascale
 
 
 def initialize(cfg: Mapping[str, Any] | None = None) -> bool:

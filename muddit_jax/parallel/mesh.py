@@ -34,7 +34,7 @@ class MeshConfig:
         number of granules.
       granule: what a DCN granule is: ``"slice"`` (TPU multi-slice: ``device.slice_index``),
         ``"process"`` (one process per node, e.g. SLURM ``--ntasks-per-node=1``), or ``"auto"``
-        (slices when devices have ``slice_index``, else processes).
+        (slices on TPU, processes elsewhere).
       allow_split_physical_axes: let ``mesh_utils`` split a physical TPU axis across mesh axes.
     """
 
@@ -56,7 +56,7 @@ class MeshConfig:
             raise ValueError(f"mesh.granule={self.granule!r}: use one of {GRANULES}")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "MeshConfig":
+    def from_config(cls, cfg: Mapping[str, Any]) -> MeshConfig:
         """From ``config.mesh`` (extra keys such as ``rules`` are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(cfg).items() if k in names})
@@ -82,9 +82,10 @@ def fill_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
             raise ValueError(f"{what} sizes {sizes}: {total} devices are not divisible by {known}")
         sizes = tuple(total // known if s == -1 else s for s in sizes)
     if math.prod(sizes) != total:
+        named = dict(zip(MESH_AXES, sizes, strict=True))
         raise ValueError(
-            f"{what} sizes {dict(zip(MESH_AXES, sizes))} multiply to {math.prod(sizes)} but there "
-            f"are {total}; fix config.mesh (or set one axis to -1)"
+            f"{what} sizes {named} multiply to {math.prod(sizes)} but there are {total}; fix "
+            "config.mesh (or set one axis to -1)"
         )
     return sizes
 
@@ -92,7 +93,8 @@ def fill_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
 def _num_granules(devices: Sequence[Any], granule: str) -> tuple[int, bool]:
     """``(number of granules, process_is_granule)`` for ``devices``."""
     slices = {getattr(d, "slice_index", None) for d in devices}
-    if granule == "slice" or (granule == "auto" and None not in slices):
+    tpu = all(d.platform == "tpu" for d in devices)
+    if granule == "slice" or (granule == "auto" and tpu and None not in slices):
         if None in slices:
             raise ValueError("mesh.granule='slice' but the devices have no slice_index")
         return len(slices), False

@@ -35,7 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = dict(
         preset="tiny",  # tiny | meissonic_1b | pretrained (configs from train.init_from)
-        text_vocab_size=64, codebook_size=16, width=32,  # tiny only
+        # tiny only: vocabularies, width and depths (MM-DiT dual / single blocks, text layers)
+        text_vocab_size=64, codebook_size=16, width=32, dual_layers=2, single_layers=2,
+        text_layers=2,
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -53,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         grid=4,  # image-code grid h = w (image_size / VQ factor when images=True)
         text_length=8,
         images=False,  # feed raw images [b, H, W, 3]; the frozen VQ encodes them in the step
+        text_maskable=False,  # batches carry text_maskable [b, l] (VQA: keep the question)
     )
     c.optim = dict(
         lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_ratio=0.0,
@@ -66,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_nonfinite=5,  # stop after this many non-finite steps in a row
         init_from="",  # muddit-convert folder or a training checkpoint dir (params only)
     )
-    c.checkpoint = dict(every=500, keep=3, async_save=True)
+    c.checkpoint = dict(every=500, keep=3, async_save=True, dir="")  # "" = WORKDIR/checkpoints
     c.log = dict(every=10, tensorboard=True, peak_flops_per_device=0.0)  # 0 = from device kind
     c.mesh = dict(
         data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
@@ -115,7 +118,9 @@ def _pretrained(folder: str) -> MudditConfig:
     from muddit_jax.port import io
 
     if not folder:
-        raise ValueError("model.preset='pretrained' needs train.init_from (a muddit-convert folder)")
+        raise ValueError(
+            "model.preset='pretrained' needs train.init_from (a muddit-convert folder)"
+        )
     root = Path(folder)
     return MudditConfig(
         text=CLIPTextConfig.from_hf_config(_strip(io.load_config(root / "text_encoder"))),
@@ -132,7 +137,14 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     """The :class:`MudditConfig` for ``c.model`` (``c`` is the whole config)."""
     m = c.model
     if m.preset == "tiny":
-        return MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
+        cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
+        return dataclasses.replace(
+            cfg,
+            text=dataclasses.replace(cfg.text, num_hidden_layers=m.text_layers),
+            mmdit=dataclasses.replace(
+                cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers
+            ),
+        )
     if m.preset == "meissonic_1b":
         return _meissonic_1b()
     if m.preset == "pretrained":

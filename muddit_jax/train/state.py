@@ -71,8 +71,9 @@ class Networks:
         cls, config: MudditConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
         remat: bool = False, remat_policy: str | None = None, scan_layers: bool = False,
         with_vq: bool = False,
-    ) -> "Networks":
-        muddit = Muddit(config, dtype, param_dtype, remat, scan_layers, remat_policy or None)
+    ) -> Networks:
+        muddit = Muddit(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                        scan_layers=scan_layers, remat_policy=remat_policy or None)
         return cls(muddit, VQModel(config.vq, param_dtype=param_dtype) if with_vq else None)
 
     def init(self, rng: jax.Array, grid: int, text_length: int) -> dict[str, Any]:
@@ -156,7 +157,8 @@ def _put_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
     def put(x, ref, sh):
         if tuple(np.shape(x)) != ref.shape:
             raise ValueError(f"pretrained {name} param of shape {np.shape(x)} != {ref.shape}")
-        return jax.device_put(jnp.asarray(x, ref.dtype), sh)
+        x = x.astype(ref.dtype) if isinstance(x, jax.Array) else np.asarray(x, ref.dtype)
+        return jax.device_put(x, sh)
 
     return jax.tree.map(put, tree, like, shardings)
 
@@ -172,7 +174,10 @@ def setup_state(
         boxed = jax.eval_shape(lambda k: nets.init(k, grid, text_length), rng)
     param_sh = logical_shardings(boxed, mesh, rules)
     abstract_params = nn.unbox(boxed)
-    build = lambda p, k: new_state(p, k, tx, trainable, ema)  # noqa: E731
+
+    def build(params: Any, rng: jax.Array) -> TrainState:
+        return new_state(params, rng, tx, trainable, ema)
+
     abstract = jax.eval_shape(build, abstract_params, rng)
     train_sh, frozen_sh = split_params(param_sh, trainable)
     opt_sh = optax.tree_map_params(
