@@ -37,6 +37,7 @@ setup(
             "muddit-sample=muddit_jax.cli.sample:main",
             "muddit-pretokenize=muddit_jax.cli.pretokenize:main",
             "muddit-train=muddit_jax.cli.train:main",
+            "muddit-eval=muddit_jax.cli.eval:main",
         ]
     },
 )

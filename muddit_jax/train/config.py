@@ -50,12 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
         text_mask_id=-1,  # -1 = text vocab - 1
     )
     c.data = dict(
-        kind="synthetic",
+        kind="synthetic",  # synthetic | dataset (see muddit_jax/train/data.py)
+        dataset="shapes", split="train", data_dir="", task="caption",
+        options=ml_collections.ConfigDict(),  # dataset builder options (e.g. shapes fields)
+        tokenizer="",  # SentencePiece .model or CLIP tokenizer folder (data.kind=dataset)
         global_batch=8,
         grid=4,  # image-code grid h = w (image_size / VQ factor when images=True)
         text_length=8,
         images=False,  # feed raw images [b, H, W, 3]; the frozen VQ encodes them in the step
         text_maskable=False,  # batches carry text_maskable [b, l] (VQA: keep the question)
+    )
+    c.eval = dict(
+        tasks="caption,vqa,t2i",  # evaluators run by muddit-eval / every `every` train steps
+        every=0,  # 0 = no periodic evaluation during training
+        dataset="shapes", split="test", limit=64,  # options: data.options
+        steps=16, guidance_scale=9.0, batch_size=8, shard_size=32, seed=0, ema=False,
     )
     c.optim = dict(
         lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_ratio=0.0,
@@ -138,9 +147,11 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     m = c.model
     if m.preset == "tiny":
         cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
+        positions = max(cfg.text.max_position_embeddings, int(c.data.text_length))
         return dataclasses.replace(
             cfg,
-            text=dataclasses.replace(cfg.text, num_hidden_layers=m.text_layers),
+            text=dataclasses.replace(cfg.text, num_hidden_layers=m.text_layers,
+                                     max_position_embeddings=positions),
             mmdit=dataclasses.replace(
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers
             ),

@@ -28,6 +28,7 @@ import numpy as np
 from muddit_jax.parallel import distributed
 from muddit_jax.parallel.sharding import host_rows
 from muddit_jax.train.checkpoint import Checkpointer
+from muddit_jax.train.data import dataset_factory
 from muddit_jax.train.flops import train_step_flops
 from muddit_jax.train.metrics import MetricWriter, Throughput, peak_flops, progress_line
 from muddit_jax.train.run import build_run, init_state
@@ -94,6 +95,17 @@ def _log(config, writer, throughput, step, metrics, total) -> None:
 DataArg = Iterator[Mapping[str, np.ndarray]] | Callable[[slice], Iterator[Mapping[str, np.ndarray]]]
 
 
+def periodic_eval(config: ml_collections.ConfigDict, state: TrainState, workdir: Path, step: int,
+                  writer: MetricWriter) -> None:
+    """The ``muddit-eval`` job on the current params (``eval.tasks`` on ``eval.limit`` examples),
+    into ``WORKDIR/eval/<step>/``; metrics are logged as ``eval/<task>/<metric>``."""
+    from muddit_jax.eval.job import build_pipeline, evaluate, parse_tasks
+
+    pipe = build_pipeline(config, state.all_params(ema=bool(config.eval.ema)))
+    summary = evaluate(config, pipe, workdir / "eval" / str(step), parse_tasks(config.eval.tasks))
+    writer.write(step, {f"eval/{t}/{k}": v for t, ms in summary.items() for k, v in ms.items()})
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str | Path, *, data: DataArg | None = None
 ) -> TrainResult:
@@ -119,14 +131,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
     run = build_run(config)
     mesh, model, total = run.mesh, run.model, int(config.train.steps)
     rows = host_rows(run.batch_shardings["text_ids"], config.data.global_batch)
+    if data is None:
+        data = dataset_factory(config, model.vq.downsample_factor)
     if callable(data) and not hasattr(data, "__next__"):
         data = data(rows)
     if data is None:
         if config.data.kind != "synthetic":
-            raise ValueError(
-                f"data.kind={config.data.kind!r}: only 'synthetic' is built in; pass a data "
-                "iterator to train(config, workdir, data=...)"
-            )
+            raise ValueError(f"data.kind={config.data.kind!r} is not 'synthetic' or 'dataset'")
         data = SyntheticData(
             model, global_batch=config.data.global_batch, grid=config.data.grid,
             text_length=config.data.text_length, seed=config.seed, images=config.data.images,
@@ -180,6 +191,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
                 last, pending = consume(*pending), None
                 if not bad and last["nonfinite_streak"] == 0:
                     ckpt.save(step, state, data.get_state(), config)
+            if config.eval.every and step % config.eval.every == 0 and not bad:
+                periodic_eval(config, state, workdir, step, writer)
             if bad:
                 break
         if pending is not None:

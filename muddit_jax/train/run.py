@@ -111,7 +111,13 @@ class Run:
         return self.lower().compile()
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows -> the global, sharded batch."""
+        """This process's rows -> the global, sharded batch (extra keys, e.g. ``index``, are
+        dropped)."""
+        missing = sorted(set(self.batch_shardings) - set(local))
+        if missing:
+            raise ValueError(f"the data iterator's batch lacks {missing}; check data.images / "
+                             "data.text_maskable against the dataset")
+        local = {k: local[k] for k in self.batch_shardings}
         return global_batch(local, self.batch_shardings, self.config.data.global_batch)
 
 

@@ -1,0 +1,59 @@
+"""``muddit-eval``: score a training run's checkpoint on captioning, VQA and compositional T2I.
+
+    muddit-eval --config configs/shapes_tiny.py --workdir runs/shapes --task all
+
+Loads the latest checkpoint of ``--workdir`` (or ``--step``; ``--ema`` for EMA params), samples
+the ``config.eval`` split with the compiled sampler, sharded over every process and device, and
+writes ``WORKDIR/eval/<step>/`` (see :mod:`muddit_jax.eval.job`). Reruns skip finished shards.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "training run folder", flag_values=fv)
+    flags.DEFINE_string("task", "all", "all or a comma-separated subset of caption,vqa,t2i",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+    flags.DEFINE_bool("ema", False, "evaluate the EMA params", flag_values=fv)
+    fv(["muddit-eval", *argv])
+    if fv.config is None or not fv.workdir:
+        print("muddit-eval: --config and --workdir are required", file=sys.stderr)
+        return 2
+    from muddit_jax.eval.job import build_pipeline, evaluate, parse_tasks
+    from muddit_jax.parallel import distributed
+    from muddit_jax.train.checkpoint import Checkpointer, load_params
+
+    config, workdir = fv.config, Path(fv.workdir)
+    try:
+        tasks = parse_tasks(fv.task)
+        distributed.initialize(config.distributed)
+        ckpt_dir = config.checkpoint.dir or workdir / "checkpoints"
+        ckpt = Checkpointer(ckpt_dir)
+        step = fv.step if fv.step is not None else ckpt.latest_step()
+        ckpt.close()
+        if step is None:
+            raise ValueError(f"no checkpoint in {ckpt_dir}; train first (muddit-train)")
+        params = load_params(ckpt_dir, step=step, ema=fv.ema or bool(config.eval.ema))
+        summary = evaluate(config, build_pipeline(config, params), workdir / "eval" / str(step),
+                           tasks)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"muddit-eval: error: {e}", file=sys.stderr)
+        return 2
+    for task, metrics in summary.items():
+        print(f"muddit-eval: step {step} {task}: " +
+              ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The evaluation job: a training run's params -> pipeline -> evaluators -> summary files.
+
+Used by ``muddit-eval`` (latest or a given checkpoint of a workdir) and by the trainer every
+``eval.every`` steps, so both produce the same files::
+
+    WORKDIR/eval/<step>/<task>.json      per-example predictions + metrics
+    WORKDIR/eval/<step>/shards/          resumable per-process shards
+    WORKDIR/eval/<step>/summary.json     {task: {metric: value}}
+    WORKDIR/eval/<step>/summary.md       the same as a Markdown table
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+
+import muddit_jax.eval.compositional  # noqa: F401  (registers "t2i")
+import muddit_jax.eval.tasks  # noqa: F401  (registers "caption", "vqa")
+from muddit_jax.eval.base import get_evaluator
+from muddit_jax.eval.datasets import TASKS, eval_examples
+from muddit_jax.files import write_bytes_atomic, write_json_atomic
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """``"all"`` or a comma-separated subset of the evaluation tasks."""
+    tasks = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"eval tasks {bad or spec!r}: use 'all' or a subset of {TASKS}")
+    return tasks
+
+
+def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> Any:
+    """A :class:`MudditPipeline` for a training config and its params (``vq`` included)."""
+    from muddit_jax.models.tokenizers import load_tokenizer
+    from muddit_jax.pipeline import MudditPipeline
+    from muddit_jax.train.config import model_config
+
+    if "vq" not in params:
+        raise ValueError("the params have no VQ tokenizer ('vq'); evaluation decodes images, so "
+                         "train with data.images=True or init_from a converted pipeline")
+    if not config.data.tokenizer:
+        raise ValueError("evaluation needs data.tokenizer (the training tokenizer)")
+    model = model_config(config)
+    size = int(config.data.grid) * model.vq.downsample_factor
+    return MudditPipeline(model, load_tokenizer(config.data.tokenizer), dict(params), size,
+                          text_length=int(config.data.text_length))
+
+
+def evaluate(
+    config: ml_collections.ConfigDict, pipe: Any, out_dir: str | Path, tasks: list[str]
+) -> dict[str, dict[str, float]]:
+    """Run ``tasks`` on ``config.eval``'s split; process 0 returns and writes the summary."""
+    e, out_dir = config.eval, Path(out_dir)
+    barrier = None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        barrier = multihost_utils.sync_global_devices
+    summary = {}
+    for task in tasks:
+        examples = eval_examples(task, e.dataset, e.split, image_size=pipe.image_size,
+                                 limit=e.limit or None, data_dir=config.data.data_dir or None,
+                                 **dict(config.data.options))
+        ev = get_evaluator(task, examples, batch_size=e.batch_size, shard_size=e.shard_size,
+                           steps=e.steps, seed=e.seed, guidance_scale=e.guidance_scale)
+        summary[task] = ev.run(pipe, out_dir, process_index=jax.process_index(),
+                               process_count=jax.process_count(), barrier=barrier)
+    if jax.process_index() == 0:
+        write_json_atomic(summary, out_dir / "summary.json")
+        write_bytes_atomic(markdown_table(summary).encode(), out_dir / "summary.md")
+    return summary
+
+
+def markdown_table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """``| task | metric | value |`` rows."""
+    rows = ["| task | metric | value |", "|---|---|---|"]
+    rows += [f"| {t} | {m} | {v:.4f} |" for t, ms in summary.items() for m, v in sorted(ms.items())]
+    return "\n".join(rows) + "\n"
