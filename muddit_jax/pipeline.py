@@ -259,7 +259,9 @@ class MudditPipeline:
                 "for the answer; shorten it or raise text_length"
             )
         fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
-        cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id)
+        # only ids the tokenizer can decode (the model's text vocab may be larger)
+        cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id,
+                            vocab_limit=tok.vocab_size)
         out = self._run("i2t", cfg, _keys(seed, len(ids)), pixels, ids, fixed, self._micro(len(ids)))
         return np.asarray(out), prefix
 

@@ -120,3 +120,18 @@ def test_config_mismatch_is_reported():
 
     with pytest.raises(ValueError, match="codebook_size"):
         MudditConfig(cfg.text, dataclasses.replace(cfg.vq, num_vq_embeddings=7), cfg.mmdit)
+
+
+def test_text_is_sampled_only_from_the_tokenizer_vocab(tmp_path):
+    """A model text vocab larger than the tokenizer's never yields undecodable ids."""
+    from muddit_jax.models.muddit import MudditConfig
+    from muddit_jax.models.tokenizers import SentencePieceTokenizer
+    from muddit_jax.pipeline import MudditPipeline
+    from tests.helpers import SHAPE_CORPUS
+
+    tok = SentencePieceTokenizer.train(SHAPE_CORPUS, 40, tmp_path / "sp.model")
+    config = MudditConfig.tiny(tok.vocab_size + 200, codebook_size=32, width=32)
+    pipe = MudditPipeline.random_init(config, tok, IMAGE_SIZE)
+    tokens, _ = pipe.text_tokens(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), ["", ""], steps=2)
+    assert tokens.max() < tok.vocab_size
+    assert len(pipe.caption(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), steps=2)) == 2
