@@ -4,6 +4,11 @@ frozen VQ), then ``muddit-eval`` of its checkpoint writes predictions and summar
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +77,24 @@ def test_rerun_skips_finished_shards_and_bad_input_is_clear(run, capsys):
     assert eval_main(["--config", str(path), "--workdir", str(workdir), "--task", "fid"]) == 2
     assert "eval tasks" in capsys.readouterr().err
     assert eval_main(["--config", str(path), "--workdir", str(workdir / "none")]) == 2
+
+
+def test_same_predictions_on_one_and_eight_devices(run, tmp_path):
+    """muddit-eval over the checkpoint: 8 local devices (batch 8) == 1 device (batch 2)."""
+    path, workdir = run
+    for name in ("one", "eight"):
+        shutil.copytree(workdir / "checkpoints", tmp_path / name / "checkpoints")
+    args = ["--config", str(path), "--task", "caption,t2i"]
+    assert eval_main(args + ["--workdir", str(tmp_path / "one")]) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root),
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    code = ("import sys; from muddit_jax.cli.eval import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, *args, "--workdir", str(tmp_path / "eight"),
+                    "--config.eval.batch_size=8", "--config.eval.shard_size=8"],
+                   check=True, cwd=root, env=env, timeout=600)
+    for task in ("caption", "t2i"):
+        one = json.loads((tmp_path / "one" / "eval" / "2" / f"{task}.json").read_text())
+        eight = json.loads((tmp_path / "eight" / "eval" / "2" / f"{task}.json").read_text())
+        assert one["predictions"] == eight["predictions"], task

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if fv.config is None or not fv.workdir:
         print("muddit-eval: --config and --workdir are required", file=sys.stderr)
         return 2
-    from muddit_jax.eval.job import build_pipeline, evaluate, parse_tasks
+    from muddit_jax.eval.job import build_pipeline, evaluate, local_mesh, parse_tasks
     from muddit_jax.parallel import distributed
     from muddit_jax.train.checkpoint import Checkpointer, load_params
 
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if step is None:
             raise ValueError(f"no checkpoint in {ckpt_dir}; train first (muddit-train)")
         params = load_params(ckpt_dir, step=step, ema=fv.ema or bool(config.eval.ema))
-        summary = evaluate(config, build_pipeline(config, params), workdir / "eval" / str(step),
-                           tasks)
+        pipe = build_pipeline(config, params, mesh=local_mesh())
+        summary = evaluate(config, pipe, workdir / "eval" / str(step), tasks)
     except (ValueError, FileNotFoundError) as e:
         print(f"muddit-eval: error: {e}", file=sys.stderr)
         return 2

@@ -33,8 +33,19 @@ def parse_tasks(spec: str) -> list[str]:
     return tasks
 
 
-def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any]) -> Any:
-    """A :class:`MudditPipeline` for a training config and its params (``vq`` included)."""
+def local_mesh() -> jax.sharding.Mesh | None:
+    """A 1-axis ``data`` mesh over this process's devices (``None`` with one device): each
+    process samples its own shards data-parallel over its local devices."""
+    import numpy as np
+
+    devices = jax.local_devices()
+    return None if len(devices) == 1 else jax.sharding.Mesh(np.array(devices), ("data",))
+
+
+def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any],
+                   mesh: jax.sharding.Mesh | None = None) -> Any:
+    """A :class:`MudditPipeline` for a training config and its params (``vq`` included);
+    with ``mesh`` the params are replicated on it and batches split over it."""
     from muddit_jax.models.tokenizers import load_tokenizer
     from muddit_jax.pipeline import MudditPipeline
     from muddit_jax.train.config import model_config
@@ -46,8 +57,11 @@ def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any])
         raise ValueError("evaluation needs data.tokenizer (the training tokenizer)")
     model = model_config(config)
     size = int(config.data.grid) * model.vq.downsample_factor
+    if mesh is not None and config.eval.batch_size % mesh.devices.size:
+        raise ValueError(f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
+                         f"{mesh.devices.size} local devices")
     return MudditPipeline(model, load_tokenizer(config.data.tokenizer), dict(params), size,
-                          text_length=int(config.data.text_length))
+                          text_length=int(config.data.text_length), mesh=mesh)
 
 
 def evaluate(
