@@ -12,12 +12,19 @@ is the PyTorch side of both: transformers' ``CLIPTextModelWithProjection`` + the
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import functools
+import glob
+import gzip
 import json
 import os
 import platform
+import re
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +42,15 @@ from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
 Row = dict[str, Any]
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
+# glibc serves XLA's per-execution temp buffer (hundreds of MB) with a fresh mmap from the
+# executing thread's arena, so every step page-faults it in again (~60k faults, ~0.1 CPU-s per
+# small train step here). One arena + no trimming/mmap for big blocks keeps it resident.
+HOST_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**32),
+    "MALLOC_TRIM_THRESHOLD_": str(2**32),
+}
+
 # ---------------------------------------------------------------------------------------------
 # CLI, machine, output
 
@@ -45,6 +61,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, few steps: checks it runs")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p
+
+
+def reexec_with_host_env(module: str) -> None:
+    """Re-run ``python -m module argv...`` with :data:`HOST_ENV` unless already set (or
+    ``--default-malloc`` is given). glibc reads these only at start-up; call from ``__main__``."""
+    if "--default-malloc" in sys.argv:
+        sys.argv.remove("--default-malloc")
+        return
+    if all(os.environ.get(k) == v for k, v in HOST_ENV.items()):
+        return
+    env = {**os.environ, **HOST_ENV}
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def machine() -> dict[str, Any]:
@@ -64,6 +92,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "backend": jax.default_backend(),
         "devices": [str(d.device_kind) for d in jax.devices()],
+        "host_env": {k: os.environ.get(k) for k in HOST_ENV},
+        "load_avg": os.getloadavg(),
         **versions,
     }
 
@@ -76,7 +106,9 @@ def _fmt(v: Any) -> str:
 
 def format_table(rows: Sequence[Row], columns: Sequence[str] | None = None) -> str:
     """A markdown table of ``rows`` (``columns`` default: keys of the first row)."""
-    columns = list(columns or (rows[0] if rows else []))
+    if not rows:
+        return "(no rows in this run)"
+    columns = list(columns or rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -93,7 +125,8 @@ def finish(
         print(f"\n### {name}: {title}\n")
         print(format_table(rows, columns))
     for key, value in extra.items():
-        print(f"{key}: {json.dumps(value, default=str)}")
+        text = json.dumps(value, default=str)
+        print(f"{key}: {text if len(text) <= 400 else '(see the JSON)'}")
     payload = {
         "benchmark": name,
         "smoke": bool(args.smoke),
@@ -141,6 +174,89 @@ def time_calls(fn: Callable[[], Any], iters: int, warmup: int = 1) -> Timing:
         block(fn())
         times.append(time.perf_counter() - t0)
     return Timing(tuple(times))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], iters: int, warmup: int = 1
+) -> dict[str, Timing]:
+    """Time several callables round-robin (``a b c a b c ...``) so that load from other processes
+    on a shared machine hits all of them alike; each call blocks on its result."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            block(fn())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(tuple(ts)) for name, ts in times.items()}
+
+
+def op_profile(fn: Callable[[], Any], hlo_text: str, iters: int = 2, top: int = 8) -> list[Row]:
+    """Where the time goes: a ``jax.profiler`` trace of ``fn`` (already compiled), XLA op time
+    summed by kind (matmul / copy-transpose / other fusions ...) plus the ``top`` single ops with
+    their source (``op_name`` metadata of ``hlo_text``, the compiled module's ``as_text()``)."""
+    sources = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text))
+    ops: collections.Counter[str] = collections.Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(iters):
+                block(fn())
+        (path,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
+        events = json.load(gzip.open(path))["traceEvents"]
+    for e in events:  # XLA ops are lower-case HLO names; runtime events are not
+        if e.get("ph") == "X" and re.fullmatch(r"[a-z][a-z0-9_\-]*(\.\d+)?", e["name"]):
+            ops[e["name"]] += e["dur"] / iters / 1e3
+    total = sum(ops.values()) or 1.0
+
+    def kind(name: str) -> str:
+        base = re.sub(r"\.\d+$", "", name)
+        if base.startswith(("ynn", "dot", "xnn", "onednn")) or "convolution" in base:
+            return "matmul/conv"
+        if base.startswith(("copy", "transpose")) or base.endswith("transpose_fusion"):
+            return "copy/transpose"
+        if "scatter" in base or "gather" in base:
+            return "gather/scatter"
+        if base.startswith(("sort", "wrapped_sort", "rng", "threefry")):
+            return "sort/rng"
+        return "other fusions (elementwise/reduce)"
+
+    kinds: collections.Counter[str] = collections.Counter()
+    for name, ms in ops.items():
+        kinds[kind(name)] += ms
+    rows = [dict(op=k, ms=ms, share=ms / total, source="") for k, ms in kinds.most_common()]
+    rows += [
+        dict(op=n, ms=ms, share=ms / total, source=sources.get(n, "")[-90:])
+        for n, ms in ops.most_common(top)
+    ]
+    return rows
+
+
+def with_torch_threads(fn: Callable[[], Any], threads: int) -> Callable[[], Any]:
+    """``fn`` run with ``torch.set_num_threads(threads)`` (restored after).
+
+    On a shared machine torch's OpenMP barriers spin while a co-tenant holds a core, which can
+    make a 2-thread step several times slower than a 1-thread one; the benchmarks time both and
+    compare JAX with the faster.
+    """
+    import torch
+
+    def call() -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return call
+
+
+def torch_thread_counts() -> tuple[int, ...]:
+    """Thread counts the torch baselines are timed with: all cores, and 1 if that differs."""
+    n = os.cpu_count() or 1
+    return (n, 1) if n > 1 else (1,)
 
 
 class CompileCounter:
@@ -294,16 +410,21 @@ def param_count(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_init(config: MudditConfig, scan_layers: bool) -> Callable:
+    return jax.jit(Muddit(config, scan_layers=scan_layers).init)
+
+
 def init_params(size: BenchSize, seed: int = 0, scan_layers: bool = False) -> dict[str, Any]:
-    """Unboxed ``{"text_encoder", "mmdit"}`` params of ``size`` (jitted init)."""
-    model = Muddit(size.config, scan_layers=scan_layers)
+    """Fresh unboxed ``{"text_encoder", "mmdit"}`` params of ``size`` (one compile per config)."""
     args = (
         jnp.zeros((1, size.grid, size.grid), jnp.int32),
         jnp.zeros((1, size.text_len), jnp.int32),
         jnp.zeros((1,), jnp.float32),
         jnp.zeros((1, 5), jnp.float32),
     )
-    return nn.unbox(jax.jit(model.init)(jax.random.key(seed), *args))["params"]
+    init = _jitted_init(size.config, scan_layers)
+    return nn.unbox(init(jax.random.key(seed), *args))["params"]
 
 
 def make_batch(size: BenchSize, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:

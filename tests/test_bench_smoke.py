@@ -1,0 +1,98 @@
+"""Smoke runs of every benchmark (``--smoke``: tiny sizes, T=2): they run and write the JSON
+fields the tables and BENCHMARKS.md rely on. Speed is not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _run(module, tmp_path, *extra: str) -> dict:
+    path = tmp_path / "out.json"
+    module.main(["--smoke", "--json", str(path), *extra])
+    out = json.loads(path.read_text())
+    assert out["smoke"] is True and out["machine"]["cores"] >= 1
+    return out
+
+
+def _rows(out: dict, index: int = 0) -> list[dict]:
+    return list(out["tables"].values())[index]
+
+
+def test_train_step(tmp_path):
+    from bench import train_step
+
+    out = _run(train_step, tmp_path)
+    rows = _rows(out)
+    assert {r["impl"].split()[0] for r in rows} == {"torch", "jax"}
+    for r in rows:
+        assert r["best_s"] > 0 and r["examples_s"] > 0 and r["tokens_s"] > 0
+    jax_row = next(r for r in rows if r["impl"] == "jax fp32")
+    assert jax_row["compiles"] == 1 and jax_row["vs_torch_fp32"] > 0
+    assert set(out["speedup_fp32"]) == {"tiny"}
+
+
+def test_sampler(tmp_path):
+    from bench import sampler
+
+    out = _run(sampler, tmp_path)
+    rows = _rows(out)
+    assert {r["task"] for r in rows} == {"t2i", "i2t"}
+    for r in rows:
+        assert r["T"] == 2 and min(r["scan_s"], r["loop_s"], r["torch_s"], r["forward_s"]) > 0
+        assert r["loop_equals_scan"] is True  # the Python-loop baseline decodes the same tokens
+    assert out["i2t_text_encoder_in_compiled_loop"] == {"tiny": True}
+
+
+def test_compile_memory(tmp_path):
+    from bench import compile_memory
+
+    out = _run(compile_memory, tmp_path)
+    (sweep,) = _rows(out, 0)
+    assert sweep["unrolled_compile_s"] > 0 and sweep["scan_compile_s"] > 0
+    memory = _rows(out, 1)
+    assert [r["remat"] for r in memory] == [False, True]
+    assert all(r["temp_GiB"] > 0 and r["arguments_GiB"] > 0 for r in memory)
+
+
+def test_scaling(tmp_path):
+    from bench import scaling
+
+    out = _run(scaling, tmp_path)
+    (sim,) = _rows(out, 0)
+    assert sim["name"] == "fsdp" and sim["per_device_MiB"] > 0 and sim["best_s"] > 0
+    (check,) = _rows(out, 2)
+    assert 0.8 < check["analytic_over_xla"] < 1.2  # the MFU formula tracks XLA's count
+
+
+def test_gpu_skips_cleanly_without_gpu(tmp_path):
+    import jax
+
+    from bench import gpu
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present; the full benchmark is not a smoke test")
+    out = _run(gpu, tmp_path)
+    assert out["skipped"] is True and out["reason"].startswith("no GPU: skipped")
+
+
+@pytest.mark.slow
+def test_gpu_code_path_on_cpu(tmp_path):
+    from bench import gpu
+
+    out = _run(gpu, tmp_path, "--allow-cpu")
+    assert out["skipped"] is False and _rows(out, 0)[0]["step_s"] > 0
+    assert _rows(out, 1)[0]["latency_s"] > 0
+
+
+def test_run_collects_results(tmp_path):
+    from bench import run
+
+    out = run.main(["--smoke", "--only", "gpu", "--out", str(tmp_path / "r"),
+                    "--json", str(tmp_path / "all.json")])
+    assert [r["benchmark"] for r in _rows(out)] == ["gpu"]
+    assert "gpu" in json.loads((tmp_path / "all.json").read_text())["results"]
