@@ -193,10 +193,28 @@ def time_interleaved(
     return {name: Timing(tuple(ts)) for name, ts in times.items()}
 
 
-def op_profile(fn: Callable[[], Any], hlo_text: str, iters: int = 2, top: int = 8) -> list[Row]:
+def _op_kind(name: str) -> str:
+    base = re.sub(r"\.\d+$", "", name)
+    if base.startswith(("ynn", "dot", "xnn", "onednn")) or "convolution" in base:
+        return "matmul/conv"
+    if base.startswith(("copy", "transpose")) or base.endswith("transpose_fusion"):
+        return "copy/transpose"
+    if "scatter" in base or "gather" in base:
+        return "gather/scatter"
+    return "other fusions (elementwise/reduce/rng)"
+
+
+def op_profile(
+    fn: Callable[[], Any],
+    hlo_text: str,
+    parts: Sequence[tuple[str, str]] = (),
+    iters: int = 2,
+    top: int = 6,
+) -> list[Row]:
     """Where the time goes: a ``jax.profiler`` trace of ``fn`` (already compiled), XLA op time
-    summed by kind (matmul / copy-transpose / other fusions ...) plus the ``top`` single ops with
-    their source (``op_name`` metadata of ``hlo_text``, the compiled module's ``as_text()``)."""
+    summed by kind (matmul, copy/transpose, ...), by program part (first ``(label, regex)`` of
+    ``parts`` matching the op's ``op_name`` metadata in ``hlo_text``, the compiled module's
+    ``as_text()``), and the ``top`` single ops. Shares are of the summed op time."""
     sources = dict(re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]+)"', hlo_text))
     ops: collections.Counter[str] = collections.Counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -205,29 +223,28 @@ def op_profile(fn: Callable[[], Any], hlo_text: str, iters: int = 2, top: int = 
                 block(fn())
         (path,) = glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)
         events = json.load(gzip.open(path))["traceEvents"]
-    for e in events:  # XLA ops are lower-case HLO names; runtime events are not
-        if e.get("ph") == "X" and re.fullmatch(r"[a-z][a-z0-9_\-]*(\.\d+)?", e["name"]):
-            ops[e["name"]] += e["dur"] / iters / 1e3
+    for e in events:  # XLA ops are lower-case HLO names; runtime events are not. Control-flow
+        name = e.get("name", "")  # thunks (while/conditional/call) span their bodies: not counted twice
+        if e.get("ph") == "X" and re.fullmatch(r"[a-z][a-z0-9_\-]*(\.\d+)?", name):
+            if not re.fullmatch(r"(while|conditional|call)(\.\d+)?", name):
+                ops[name] += e["dur"] / iters / 1e3
     total = sum(ops.values()) or 1.0
 
-    def kind(name: str) -> str:
-        base = re.sub(r"\.\d+$", "", name)
-        if base.startswith(("ynn", "dot", "xnn", "onednn")) or "convolution" in base:
-            return "matmul/conv"
-        if base.startswith(("copy", "transpose")) or base.endswith("transpose_fusion"):
-            return "copy/transpose"
-        if "scatter" in base or "gather" in base:
-            return "gather/scatter"
-        if base.startswith(("sort", "wrapped_sort", "rng", "threefry")):
-            return "sort/rng"
-        return "other fusions (elementwise/reduce)"
+    def part(name: str) -> str:
+        src = sources.get(name, "")
+        return next((label for label, rx in parts if src and re.search(rx, src)), "unattributed")
 
-    kinds: collections.Counter[str] = collections.Counter()
-    for name, ms in ops.items():
-        kinds[kind(name)] += ms
-    rows = [dict(op=k, ms=ms, share=ms / total, source="") for k, ms in kinds.most_common()]
+    rows = []
+    for group, key in (("kind", _op_kind), ("part", part)):
+        if group == "part" and not parts:
+            continue
+        sums: collections.Counter[str] = collections.Counter()
+        for name, ms in ops.items():
+            sums[key(name)] += ms
+        rows += [dict(group=group, name=k, ms=ms, share=ms / total, source="")
+                 for k, ms in sums.most_common()]
     rows += [
-        dict(op=n, ms=ms, share=ms / total, source=sources.get(n, "")[-90:])
+        dict(group="op", name=n, ms=ms, share=ms / total, source=sources.get(n, "")[-80:])
         for n, ms in ops.most_common(top)
     ]
     return rows

@@ -32,6 +32,15 @@ from muddit_jax.models.muddit import Muddit
 
 GUIDANCE = 9.0
 TASKS = ("t2i", "i2t")
+# op_name patterns of the parts of one sampling step (first match wins)
+PROFILE_PARTS = (
+    ("model forward", r"Muddit"),
+    ("Gumbel noise (threefry)", r"gumbel|uniform|random_bits|threefry"),
+    ("candidates (masking, argmax)", r"draw_candidates|filter_logits|prepare_logits"),
+    ("re-masking (log-softmax, sort)", r"denoise_step|remask|log_softmax|sort|num_to_remask"),
+    ("guidance combine", r"guided|classifier_free"),
+    ("other", r"."),
+)
 
 
 def sampler_config(size: common.BenchSize, task: str, steps: int) -> SamplerConfig:
@@ -268,13 +277,15 @@ def make_torch_loop(tm, size: common.BenchSize, task: str, cfg: SamplerConfig) -
 # the benchmark
 
 
-def bench(size: common.BenchSize, steps: list[int], iters: int) -> tuple[list, dict]:
+def bench(
+    size: common.BenchSize, steps: list[int], iters: int, profile: bool
+) -> tuple[list, list, dict]:
     import torch
 
     params = common.init_params(size)
     model = Muddit(size.config)
     tm = common.torch_muddit(size.config, params, size.grid)
-    rows, checks = [], {}
+    rows, prof, checks = [], [], {}
     for task in TASKS:
         x_np = task_inputs(size, task)
         x = {k: jnp.asarray(v) for k, v in x_np.items()}
@@ -310,10 +321,17 @@ def bench(size: common.BenchSize, steps: list[int], iters: int) -> tuple[list, d
                     loop_equals_scan=same, compiles_first_call=cc.count,
                 )
             )
+            if profile and T == steps[0]:
+                hlo = scan.lower(params, x, rng).compile().as_text()
+                prof += [
+                    dict(size=size.name, task=task, T=T, **r)
+                    for r in common.op_profile(fns["scan"], hlo, PROFILE_PARTS, top=4)
+                    if r["group"] != "kind"
+                ]
     checks["i2t_dots"] = encoder_dots_in_loop(
         model, size, params, {k: jnp.asarray(v) for k, v in task_inputs(size, "i2t").items()}
     )
-    return rows, checks
+    return rows, prof, checks
 
 
 COLUMNS = [
@@ -330,17 +348,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = ["tiny"] if args.smoke else args.sizes.split(",")
     steps = [2] if args.smoke else [int(s) for s in args.steps.split(",")]
     iters = 1 if args.smoke else 2
-    rows, checks = [], {}
+    rows, prof, checks = [], [], {}
     for name in names:
         size = common.SIZES[name]
         size = common.BenchSize(size.name, size.config, 1, size.grid, size.text_len)
-        r, c = bench(size, steps, iters)
-        rows, checks = rows + r, {**checks, name: c}
+        r, pr, c = bench(size, steps, iters, profile=not args.smoke)
+        rows, prof, checks = rows + r, prof + pr, {**checks, name: c}
     dots = {k: v["i2t_dots"] for k, v in checks.items()}
     return common.finish(
         "sampler",
         args,
-        {"sampling latency (best of round-robin calls; VQ excluded)": (rows, COLUMNS)},
+        {
+            "sampling latency (best of round-robin calls; VQ excluded)": (rows, COLUMNS),
+            "where the scan's time goes (XLA ops, profiler trace)": (prof, None),
+        },
         i2t_text_encoder_in_compiled_loop={
             k: d["scan_body"] >= d["full_forward"] > d["full_forward"] - d["text_encoder"]
             for k, d in dots.items()

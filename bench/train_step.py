@@ -25,9 +25,10 @@ import optax
 from bench import common
 from muddit_jax.diffusion.loss import LossConfig, make_loss_fn
 from muddit_jax.models.muddit import Muddit
+from muddit_jax.train.flops import train_step_flops
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.999), 1e-8, 0.01
-ITERS = {"tiny": 10, "small": 5, "base": 2}  # timed steps per variant (after one warm-up)
+ITERS = {"tiny": 5, "small": 3, "base": 2}  # timed steps per variant (after one warm-up)
 
 
 def loss_config(size: common.BenchSize) -> LossConfig:
@@ -208,6 +209,20 @@ def torch_runner(
     return call, dict(loss0=float(call()))
 
 
+def gemm_roofline(n: int) -> dict[str, float]:
+    """fp32 ``[n, n] @ [n, n]`` GFLOP/s of both frameworks: the ceiling a train step can reach."""
+    import torch
+
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(jnp.matmul)
+    ta, tb = torch.randn(n, n), torch.randn(n, n)
+    fns = {"jax": lambda: mm(a, a)}
+    fns.update({f"torch {k}T": common.with_torch_threads(lambda: ta @ tb, k)
+                for k in common.torch_thread_counts()})
+    t = common.time_interleaved(fns, 5)
+    return {k: round(2 * n**3 / v.best / 1e9, 1) for k, v in t.items()}
+
+
 def bench_size(
     size: common.BenchSize,
     iters: int,
@@ -229,6 +244,10 @@ def bench_size(
     # best-of-N times (robust to load from other processes); torch: its faster thread count
     ref = min(t.best for k, t in timings.items() if k.startswith("torch fp32"))
     n_params = common.param_count(jax.eval_shape(lambda: common.init_params(size)))
+    flops = train_step_flops(
+        size.config, batch=size.batch, grid=size.grid, text_len=size.text_len,
+        trainable=("mmdit", "text_encoder"),
+    )
     rows = []
     for name, (_, info) in runners.items():
         t = timings[name].best
@@ -237,17 +256,26 @@ def bench_size(
                 size=size.name, params_M=n_params / 1e6, batch=size.batch, tokens=size.tokens,
                 impl=name.replace("torch", f"torch {torch.__version__.split('+')[0]} eager"),
                 best_s=t, median_s=timings[name].median, examples_s=size.batch / t,
-                tokens_s=size.batch * size.tokens / t, vs_torch_fp32=ref / t,
+                tokens_s=size.batch * size.tokens / t, GFLOPs=flops / t / 1e9,
+                vs_torch_fp32=ref / t,
                 loss0=info["loss0"], compiles=info.get("compiles"), compile_s=info.get("compile_s"),
             )
         )
     prof = []
     if profile:
         fn, info = runners["jax fp32"]
-        prof = [dict(size=size.name, **r) for r in common.op_profile(fn, info["hlo"])]
+        rows_ = common.op_profile(fn, info["hlo"], PROFILE_PARTS)
+        prof = [dict(size=size.name, **r) for r in rows_]
     return rows, prof
 
 
+# op_name patterns of the step's parts (first match wins)
+PROFILE_PARTS = (
+    ("model backward", r"transpose\(jvp\(Muddit"),
+    ("model forward", r"jvp\(Muddit"),
+    ("loss + masking", r"jvp\("),
+    ("AdamW update", r"."),
+)
 TORCH = {"fp32": {}}  # ({"bf16": True} = autocast: no faster than fp32 on this CPU)
 VARIANTS = {
     "fp32": {},
@@ -256,7 +284,7 @@ VARIANTS = {
 }
 COLUMNS = [
     "size", "params_M", "batch", "tokens", "impl", "best_s", "median_s", "examples_s", "tokens_s",
-    "vs_torch_fp32", "loss0", "compiles", "compile_s",
+    "GFLOPs", "vs_torch_fp32", "loss0", "compiles", "compile_s",
 ]
 
 
@@ -268,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = {"fp32": {}} if args.smoke else VARIANTS
     torch_variants = TORCH
     rows, prof = [], []
+    gemm = gemm_roofline(256 if args.smoke else 2048)
     for name in names:
         iters = 1 if args.smoke else ITERS.get(name, 3)
         r, pr = bench_size(
@@ -285,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "where the JAX fp32 step spends its time (XLA ops, profiler trace)": (prof, None),
         },
         speedup_fp32=ratio,
+        gemm_GFLOPs=gemm,
         target="jax fp32 >= 1.5x torch eager fp32 on CPU",
         target_met={k: v >= 1.5 for k, v in ratio.items()},
         text_encoder="both sides run the CLIP text tower (transformers on the torch side) on the "

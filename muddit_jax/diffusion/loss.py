@@ -86,7 +86,9 @@ def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     onehot = tgt[..., None] == jnp.arange(logits.shape[-1], dtype=tgt.dtype)
     picked = jnp.sum(jnp.where(onehot, logits32, 0.0), axis=-1)
     ce = jax.nn.logsumexp(logits32, axis=-1) - picked
-    correct = jnp.argmax(logits, axis=-1) == targets
+    # "argmax == target" without a variadic (value, index) reduce (slow on CPU); counts a tie
+    # with the maximum as correct.
+    correct = (picked >= jnp.max(logits32, axis=-1)) & (targets == tgt)
     axes = tuple(range(1, mask.ndim))
     ce_sum = jnp.where(mask, ce, 0.0).sum(axes)
     n_correct = (correct & mask).sum(axes).astype(jnp.float32)
