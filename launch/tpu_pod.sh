@@ -14,7 +14,7 @@
 #   RUNTIME_VERSION   TPU VM image (default v2-alpha-tpuv5)
 #   SPOT              1 = create a spot (preemptible) slice (default 0); muddit-train saves on
 #                     the preemption notice and `run` again resumes from the last checkpoint
-#   CONFIG            config file[:arg] (default configs/train_muddit_1b.py:fsdp)
+#   CONFIG            config file[:arg] (default configs/muddit_512.py:fsdp,synthetic)
 #   REMOTE_DIR        where the repo goes on the workers, relative to the home folder
 #                     (default muddit_jax)
 #   WORKDIR           run folder on each host for logs/metrics, relative to REMOTE_DIR
@@ -38,7 +38,7 @@ PROJECT=${PROJECT:-PROJECT}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5p-32}
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5}
 SPOT=${SPOT:-0}
-CONFIG=${CONFIG:-configs/train_muddit_1b.py:fsdp}
+CONFIG=${CONFIG:-configs/muddit_512.py:fsdp,synthetic}
 WORKDIR=${WORKDIR:-runs/muddit}
 CKPT_DIR=${CKPT_DIR:-}
 REMOTE_DIR=${REMOTE_DIR:-muddit_jax}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -122,28 +121,9 @@ class MudditPipeline:
         from ``mask_token_embedding`` when the release ships it, else initialised as
         transformers' ``resize_token_embeddings`` does, with ``seed``).
         """
-        from muddit_jax.models.text_encoder import add_mask_token
-        from muddit_jax.models.tokenizers import load_tokenizer
-        from muddit_jax.port.convert import load_converted
+        from muddit_jax.port.convert import converted_pipeline
 
-        path = Path(path)
-        parts = load_converted(path)
-        missing = {"transformer", "vqvae", "text_encoder"} - set(parts)
-        if missing or not (path / "tokenizer").is_dir():
-            raise ValueError(
-                f"{path} lacks {sorted(missing) or ['tokenizer/']}; convert the whole pipeline "
-                "folder (transformer/, vqvae/, text_encoder/, tokenizer/) with muddit-convert"
-            )
-        tok = load_tokenizer(path / "tokenizer", add_mask_token=True)
-        mask_file = path / "text_encoder" / "mask_token_embedding.npy"
-        text_cfg, text_params = parts["text_encoder"]
-        text_cfg, text_params, _ = add_mask_token(
-            text_cfg, text_params, jax.random.key(seed), mask_id=tok.mask_id,
-            mask_embedding=np.load(mask_file) if mask_file.is_file() else None,
-        )
-        config = MudditConfig(text_cfg, parts["vqvae"][0], parts["transformer"][0])
-        params = {"text_encoder": text_params, "mmdit": parts["transformer"][1],
-                  "vq": parts["vqvae"][1]}
+        config, tok, params = converted_pipeline(path, seed)
         return cls(config, tok, params, image_size, **kw)
 
     # -----------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _meissonic_run(scan: bool):
     from muddit_jax.train.run import build_run
 
     c = C.base_config()
-    c.model.update(preset="meissonic_1b", dtype="bfloat16", remat=scan, scan_layers=scan)
+    c.model.update(preset="muddit_512", dtype="bfloat16", remat=scan, scan_layers=scan)
     c.data.update(global_batch=8, grid=32, text_length=77)
     return build_run(c, jax.devices()[:1])
 

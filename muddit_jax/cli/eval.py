@@ -29,14 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     if fv.config is None or not fv.workdir:
         print("muddit-eval: --config and --workdir are required", file=sys.stderr)
         return 2
-    from muddit_jax.eval.job import build_pipeline, evaluate, local_mesh, parse_tasks
+    from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, local_mesh, parse_tasks
     from muddit_jax.parallel import distributed
     from muddit_jax.train.checkpoint import Checkpointer, load_params
+    from muddit_jax.train.stages import resolve
 
     config, workdir = fv.config, Path(fv.workdir)
     try:
         tasks = parse_tasks(fv.task)
         distributed.initialize(config.distributed)
+        config = resolve(config, workdir, train_missing=False)
         ckpt_dir = config.checkpoint.dir or workdir / "checkpoints"
         ckpt = Checkpointer(ckpt_dir)
         step = fv.step if fv.step is not None else ckpt.latest_step()
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"no checkpoint in {ckpt_dir}; train first (muddit-train)")
         params = load_params(ckpt_dir, step=step, ema=fv.ema or bool(config.eval.ema))
         pipe = build_pipeline(config, params, mesh=local_mesh())
-        summary = evaluate(config, pipe, workdir / "eval" / str(step), tasks)
+        summary = evaluate(config, pipe, eval_dir(workdir, step, config.eval.split), tasks)
     except (ValueError, FileNotFoundError) as e:
         print(f"muddit-eval: error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,13 @@
-"""``muddit-sample``: text-to-image, captioning or VQA from a converted Muddit checkpoint.
+"""``muddit-sample``: text-to-image, captioning or VQA from a training run or a converted checkpoint.
 
-    muddit-sample --checkpoint DIR --prompt "a red circle left of a blue square" --out a.png
-    muddit-sample --checkpoint DIR --image x.png                       # caption
-    muddit-sample --checkpoint DIR --image x.png --question "what color is the circle?"
+    muddit-sample --workdir runs/shapes --prompt "a red circle to the left of a blue square" --out a.png
+    muddit-sample --workdir runs/shapes --image x.png                       # caption
+    muddit-sample --workdir runs/shapes --image x.png --question "what color is the circle?"
+    muddit-sample --checkpoint DIR --prompt "a red circle" --out a.png
 
-``DIR`` is a ``muddit-convert`` output of a whole pipeline folder.
+``--workdir`` is a ``muddit-train`` run folder (its latest checkpoint, or ``--step``; the config,
+tokenizer and image size come from the run); ``--checkpoint`` is a ``muddit-convert`` output of a
+whole pipeline folder.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,40 +47,60 @@ def save_png(image: np.ndarray, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
+    """The pipeline of ``--workdir`` or ``--checkpoint`` and its guidance scale."""
+    if args.checkpoint:
+        from muddit_jax.pipeline import MudditPipeline
+
+        pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
+        return pipe, 9.0 if args.guidance_scale is None else args.guidance_scale
+    from muddit_jax.eval.job import build_pipeline
+    from muddit_jax.train.checkpoint import load_params
+    from muddit_jax.train.stages import saved_config
+
+    config, step = saved_config(args.workdir, args.step)
+    params = load_params(Path(args.workdir) / "checkpoints", step=step, ema=args.ema)
+    scale = config.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    return build_pipeline(config, params), float(scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="muddit-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="muddit-convert output folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="muddit-train run folder")
+    src.add_argument("--checkpoint", help="muddit-convert output folder")
+    p.add_argument("--step", type=int, help="checkpoint step of --workdir (default: latest)")
+    p.add_argument("--ema", action="store_true", help="EMA params of --workdir")
     p.add_argument("--prompt", help="text-to-image prompt")
     p.add_argument("--image", help="input image for captioning / VQA")
     p.add_argument("--question", help="VQA question (with --image)")
     p.add_argument("--out", default="sample.png", help="output PNG for --prompt")
-    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--image-size", type=int, default=512, help="--checkpoint only")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--guidance-scale", type=float, default=9.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="default: the run's eval.guidance_scale (--workdir) or 9")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.image is None):
         p.error("pass exactly one of --prompt (text-to-image) or --image (caption / VQA)")
     if args.question is not None and args.image is None:
         p.error("--question needs --image")
-    from muddit_jax.pipeline import MudditPipeline
-
     try:
-        pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
+        pipe, guidance = load_pipeline(args)
         if args.prompt is not None:
             image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed,
-                                  guidance_scale=args.guidance_scale)[0]
+                                  guidance_scale=guidance)[0]
             save_png(image, args.out)
             print(f"muddit-sample: wrote {args.out}")
             return 0
-        image = load_image(args.image, args.image_size)[None]
+        image = load_image(args.image, pipe.image_size)[None]
         if args.question is None:
             print(pipe.caption(image, steps=args.steps, seed=args.seed)[0])
         else:
             print(pipe.answer(image, [args.question], steps=args.steps, seed=args.seed)[0])
         return 0
-    except (ValueError, PortError) as e:
+    except (ValueError, PortError, FileNotFoundError) as e:
         print(f"muddit-sample: error: {e}", file=sys.stderr)
         return 2
 

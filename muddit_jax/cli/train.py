@@ -1,10 +1,12 @@
 """``muddit-train``: train Muddit from a config file.
 
     muddit-train --config configs/train_tiny.py --workdir runs/tiny --config.train.steps=100
+    muddit-train --config configs/shapes_tiny.py --workdir runs/shapes [--stage vq|mmdit|all]
 
 ``--config`` is a Python file with ``get_config(arg=None)`` (``path.py:arg`` passes ``arg``);
 any field can be overridden with ``--config.<section>.<field>=value``. The run resumes from the
-latest checkpoint in ``--workdir``. Exit codes: 0 done, 75 preempted (checkpoint saved; rerun
+latest checkpoint in ``--workdir``. ``--stage`` (default ``all``) picks the stages of
+:mod:`muddit_jax.train.stages`: the VQ tokenizer (when ``vq.steps > 0``), then the MM-DiT. Exit codes: 0 done, 75 preempted (checkpoint saved; rerun
 the same command to resume), 65 stopped on non-finite losses (last good checkpoint kept).
 """
 
@@ -23,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         "config", None, "training config file (get_config)", flag_values=fv, lock_config=True
     )
     flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics)", flag_values=fv)
+    flags.DEFINE_enum("stage", "all", ["vq", "mmdit", "all"], "which training stages to run",
+                      flag_values=fv)
     fv(["muddit-train", *argv])
     if fv.config is None or not fv.workdir:
         print("muddit-train: --config and --workdir are required", file=sys.stderr)
         return 2
-    from muddit_jax.train.loop import train
+    from muddit_jax.train.stages import run_stages
 
-    result = train(fv.config, fv.workdir)
+    result = run_stages(fv.config, fv.workdir, fv.stage)
+    if fv.stage == "vq":
+        return 0
     print(f"muddit-train: {result.status} at step {result.step}", flush=True)
     return result.exit_code
 

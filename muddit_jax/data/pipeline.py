@@ -287,7 +287,7 @@ def make_iterator(config: DataConfig | Mapping[str, Any],
                          f"global_batch_size={big}")
     if config.task == "vqa" and "vqa" not in source[0]:
         raise ValueError(f"task='vqa' needs VQA fields, which {config.dataset!r} lacks "
-                         "(use vqav2, shapes or data pre-tokenized from them)")
+                         "(use vqav2, llava, shapes or data pre-tokenized from them)")
     ds = grain.MapDataset.source(source).map_with_index(RecordIndex(len(source)))
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)

@@ -1,6 +1,6 @@
 """Dataset names -> TFDS builders, and the random-access sources the input pipeline reads.
 
-``shapes``, ``coco_captions``, ``vqav2`` and ``image_folder`` are built (once) into
+``shapes``, ``coco_captions``, ``vqav2``, ``image_folder`` and ``llava`` are built (once) into
 ``data_dir/<name>/<config>/<version>/`` as ArrayRecord; ``pretokenized`` reads a
 ``muddit-pretokenize`` output folder (option ``path``). Options are each builder's keyword
 arguments (e.g. ``source_dir``, ``config``, the :class:`~muddit_jax.data.shapes.ShapesConfig`
@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from muddit_jax.data.builder import Builder
 from muddit_jax.data.coco import CocoCaptions
 from muddit_jax.data.folder import ImageFolder
+from muddit_jax.data.llava import Llava
 from muddit_jax.data.shapes_tfds import Shapes
 from muddit_jax.data.vqav2 import VQAv2
 
@@ -28,6 +29,7 @@ BUILDERS: dict[str, type[Builder]] = {
     "coco_captions": CocoCaptions,
     "vqav2": VQAv2,
     "image_folder": ImageFolder,
+    "llava": Llava,
 }
 PRETOKENIZED = "pretokenized"
 DATASETS = (*BUILDERS, PRETOKENIZED)

@@ -23,7 +23,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from muddit_jax.diffusion.masking import apply_mask, random_mask, sample_mask_ratio
+from muddit_jax.diffusion.masking import (
+    apply_mask,
+    random_mask,
+    sample_mask_ratio,
+    text_targets,
+)
 from muddit_jax.diffusion.schedule import Schedule, get_schedule
 
 Array = jax.Array
@@ -43,14 +48,20 @@ class LossConfig:
       empty_text_ids: the tokenized empty prompt ``(l,)``, used for condition dropout.
       text_loss_weight: weight of the text term.
       min_mask_rate: ``r = max(r(u), min_mask_rate)``; upstream default 0.0 (Muddit & Meissonic).
-      mode: ``"split"`` (first half T2I, second half I2T) or ``"joint"`` (both modalities masked
-        at independent times in every example; beyond the paper).
+      mode: ``"split"`` (first rows T2I, the rest I2T, see ``t2i_fraction``) or ``"joint"``
+        (both modalities masked at independent times in every example; beyond the paper).
       weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``) or ``"elbo"`` (exact MDLM weight).
       schedule: mask-ratio schedule name (see ``schedule.py``).
       cond_dropout: probability of dropping the text condition of T2I examples.
-      text_pad_is_target: if True every text position (padding included) is maskable/target,
-        which is what upstream does (it masks the whole padded answer region).
+      text_pad_is_target: if True the padding after the eos is maskable/target too, which is
+        what upstream does (it masks the whole padded answer region); False: never masked.
+        Applies to caption rows and to the answer region of ``text_maskable`` rows alike.
+        False leaves the padding visible, which tells the model the answer length; sampling
+        (``MudditPipeline.answer``) masks every position after the prompt, so SFT runs want True.
       ratio_floor: floor of ``r`` in the weights (upstream ``clamp(min=1e-3)``).
+      t2i_fraction: ``mode="split"``: the first ``b * t2i_fraction`` rows are T2I (upstream:
+        half); must give a whole number of rows. A mixture puts its caption rows first
+        (:mod:`muddit_jax.data.mixture`), so this is the T2I share of a mixed batch.
     """
 
     image_mask_id: int
@@ -64,8 +75,11 @@ class LossConfig:
     cond_dropout: float = 0.1
     text_pad_is_target: bool = False
     ratio_floor: float = 1e-3
+    t2i_fraction: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.t2i_fraction <= 1.0:
+            raise ValueError(f"t2i_fraction={self.t2i_fraction} must be in [0, 1]")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.weighting not in WEIGHTINGS:
@@ -125,14 +139,16 @@ def diffusion_loss(
       forward_fn: the model, see the module docstring.
       params: anything ``forward_fn`` takes as its first argument.
       batch: ``image_ids [b,h,w]`` int, ``text_ids [b,l]`` int, ``text_valid [b,l]`` bool (non-pad),
-        ``micro_conds [b,5]``; optional ``text_maskable [b,l]`` bool overrides which text
-        positions may be masked (e.g. exclude a VQA question prefix).
+        ``micro_conds [b,5]``; optional ``text_maskable [b,l]`` bool answer region: text
+        positions outside it (a VQA question prefix) are never masked nor targets (see
+        :func:`~muddit_jax.diffusion.masking.text_targets`; padding per ``text_pad_is_target``).
       rng: PRNG key (ratios, masks, condition dropout).
       config: :class:`LossConfig`.
 
-    ``mode="split"`` (``b`` even): rows ``[0, b/2)`` are T2I (image masked at ratio ``r``, text
-    condition clean except condition dropout -> ``empty_text_ids``; text not a target), rows
-    ``[b/2, b)`` are I2T (text masked, clean image as condition, image not a target; upstream
+    ``mode="split"`` (``n = b * t2i_fraction`` whole, ``b/2`` by default): rows ``[0, n)`` are
+    T2I (image masked at ratio ``r``, text condition clean except condition dropout ->
+    ``empty_text_ids``; text not a target), rows ``[n, b)`` are I2T (text masked inside its
+    answer region / valid text, clean image as condition, image not a target; upstream
     applies no dropout to the image condition). ``mode="joint"``: every row masks both modalities
     at independent ratios; the timestep fed is the image ratio, and condition dropout masks the
     whole text (``r_text = 1``), which is the unconditional case of a joint model.
@@ -162,9 +178,11 @@ def diffusion_loss(
     drop = jax.random.uniform(k_drop, (b,)) < config.cond_dropout
 
     if config.mode == "split":
-        if b % 2:
-            raise ValueError(f"mode='split' needs an even batch, got {b}")
-        img_rows = jnp.arange(b) < b // 2
+        n_t2i = b * config.t2i_fraction
+        if abs(n_t2i - round(n_t2i)) > 1e-6:
+            raise ValueError(f"mode='split' needs batch * t2i_fraction whole; got batch {b}, "
+                             f"t2i_fraction={config.t2i_fraction} (an even batch for 0.5)")
+        img_rows = jnp.arange(b) < round(n_t2i)
         txt_rows = ~img_rows
         drop = drop & img_rows
         if config.cond_dropout > 0:
@@ -181,12 +199,9 @@ def diffusion_loss(
         r_txt = jnp.where(drop, 1.0, r_txt)
         text_ids_cond = text_ids
 
-    if "text_maskable" in batch:
-        maskable = jnp.asarray(batch["text_maskable"], bool)
-    elif config.text_pad_is_target:
-        maskable = jnp.ones((b, l), bool)
-    else:
-        maskable = text_valid
+    answer = batch.get("text_maskable")
+    maskable = text_targets(text_valid, None if answer is None else jnp.asarray(answer, bool),
+                            pad_is_target=config.text_pad_is_target)
 
     img_mask = random_mask(k_mi, jnp.ones((b, h * w), bool), r_img).reshape(b, h, w)
     img_mask = img_mask & img_rows[:, None, None]

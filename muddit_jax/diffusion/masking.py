@@ -5,6 +5,11 @@ Follows Muddit's ``train/train_unified.py`` (and Meissonic's ``train/train_meiss
 per row are masked, chosen by ranking i.i.d. uniform scores (a random permutation). Here ``n``
 counts only the *maskable* positions (``valid``), so padding is never masked unless the caller
 says so.
+
+Answer-only masking (VQA / instruction tuning): with ``valid`` = :func:`text_targets` of a
+``question answer`` row, only the answer region is masked, ``n = min(answer_len, max(1,
+round(answer_len * r)))`` positions drawn uniformly inside it; question tokens are never masked
+and, since the loss only scores masked positions, never targets.
 Static shapes throughout: jittable and vmappable.
 """
 
@@ -35,6 +40,23 @@ def num_to_mask(n_valid: Array, ratio: Array, *, min_masked: int = 1) -> Array:
     n_valid = n_valid.astype(jnp.int32)
     k = jnp.round(n_valid.astype(jnp.float32) * ratio).astype(jnp.int32)
     return jnp.minimum(jnp.maximum(k, min_masked), n_valid)
+
+
+def text_targets(
+    text_valid: Array, text_maskable: Array | None = None, *, pad_is_target: bool = False
+) -> Array:
+    """Text positions that may be masked (hence be targets), ``[b, l]`` bool.
+
+    Args:
+      text_valid: ``[b, l]`` bool, non-padding positions (bos .. eos).
+      text_maskable: ``[b, l]`` bool answer region of ``question answer`` rows (True from the
+        first answer token on, padding included); ``None``: the whole row (captions).
+      pad_is_target: keep the padding after the eos (upstream masks the whole padded region);
+        False drops it, so only ``text_valid`` positions are ever masked.
+    """
+    region = jnp.ones_like(text_valid, bool) if text_maskable is None else text_maskable
+    region = region.astype(bool)
+    return region if pad_is_target else region & text_valid.astype(bool)
 
 
 def random_mask(

@@ -137,6 +137,20 @@ class CompositionalT2IEvaluator(Evaluator):
         return category_scores([predictions[str(e["id"])] for e in examples])
 
 
+def caption_names_objects(caption: str, objects: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a caption names every object's colour + shape (``"red circle"``, optionally with a
+    size word between) and no (colour, shape) pair that is not in the image."""
+    words = caption.lower().replace(",", " ").replace(";", " ").replace(".", " ").split()
+    named = set()
+    for i, w in enumerate(words):
+        if w in shapes.COLORS:
+            rest = [x for x in words[i + 1 : i + 3] if x not in shapes.SIZES]
+            if rest and rest[0].rstrip("s") in shapes.SHAPES:
+                named.add((w, rest[0].rstrip("s")))
+    truth = {(o["color"], o["shape"]) for o in objects}
+    return named == truth
+
+
 def category_scores(verdicts: Sequence[Mapping[str, bool]]) -> dict[str, float]:
     """Mean verdict per category over the images where it applies, plus ``overall``."""
     out = {}

@@ -25,6 +25,13 @@ def _records(dataset: str, split: str, limit: int | None, data_dir: Any, options
         yield source[i]
 
 
+def _objects(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A ``shapes`` record's ground-truth objects as dicts."""
+    objs = rec["objects"]
+    return [dict(color=as_str(c), shape=as_str(s), size=as_str(z), bbox=[int(v) for v in b])
+            for c, s, z, b in zip(objs["color"], objs["shape"], objs["size"], objs["bbox"])]
+
+
 def eval_examples(
     task: str,
     dataset: str,
@@ -46,14 +53,14 @@ def eval_examples(
             if "objects" not in rec:
                 raise ValueError(f"t2i evaluation needs object ground truth; {dataset!r} has none "
                                  "(use dataset 'shapes')")
-            objs = rec["objects"]
-            objects = [dict(color=as_str(c), shape=as_str(s), size=as_str(z), bbox=[int(v) for v in b])
-                       for c, s, z, b in zip(objs["color"], objs["shape"], objs["size"], objs["bbox"])]
-            out.append(dict(id=rid, prompt=as_str(rec["captions"][0]), objects=objects))
+            out.append(dict(id=rid, prompt=as_str(rec["captions"][0]), objects=_objects(rec)))
             continue
         image = load_image(rec["image"], image_size)[0]
         if task == "caption":
-            out.append(dict(id=rid, image=image, captions=[as_str(c) for c in rec["captions"]]))
+            ex = dict(id=rid, image=image, captions=[as_str(c) for c in rec["captions"]])
+            if "objects" in rec:
+                ex["objects"] = _objects(rec)
+            out.append(ex)
             continue
         vqa = rec.get("vqa") or {}
         for qid, q, answers in zip(vqa.get("question_id", []), vqa.get("question", []),

@@ -7,6 +7,7 @@ Used by ``muddit-eval`` (latest or a given checkpoint of a workdir) and by the t
     WORKDIR/eval/<step>/shards/          resumable per-process shards
     WORKDIR/eval/<step>/summary.json     {task: {metric: value}}
     WORKDIR/eval/<step>/summary.md       the same as a Markdown table
+    WORKDIR/eval/<step>-<split>/...      the same for an ``eval.split`` other than ``test``
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ import muddit_jax.eval.tasks  # noqa: F401  (registers "caption", "vqa")
 from muddit_jax.eval.base import get_evaluator
 from muddit_jax.eval.datasets import TASKS, eval_examples
 from muddit_jax.files import write_bytes_atomic, write_json_atomic
+
+
+def eval_dir(workdir: str | Path, step: int, split: str) -> Path:
+    """``WORKDIR/eval/<step>`` for the default ``test`` split, ``WORKDIR/eval/<step>-<split>``
+    for another split (so resumable shards of different splits never mix)."""
+    return Path(workdir) / "eval" / (str(step) if split == "test" else f"{step}-{split}")
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -60,7 +67,8 @@ def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any],
     if mesh is not None and config.eval.batch_size % mesh.devices.size:
         raise ValueError(f"eval.batch_size={config.eval.batch_size} must be a multiple of the "
                          f"{mesh.devices.size} local devices")
-    return MudditPipeline(model, load_tokenizer(config.data.tokenizer), dict(params), size,
+    tokenizer = load_tokenizer(config.data.tokenizer, add_mask_token=True)
+    return MudditPipeline(model, tokenizer, dict(params), size,
                           text_length=int(config.data.text_length), mesh=mesh)
 
 

@@ -6,13 +6,16 @@ from typing import Any, Mapping, Sequence
 
 from muddit_jax.eval.base import Evaluator, Example, register, stack_images
 from muddit_jax.eval.cider import bleu4, cider_d
+from muddit_jax.eval.compositional import caption_names_objects
 from muddit_jax.eval.text_norm import normalize_caption
 from muddit_jax.eval.vqa_accuracy import vqa_score
 
 
 @register("caption")
 class CaptionEvaluator(Evaluator):
-    """Examples: ``{"id", "image" [H, W, 3] uint8, "captions": [str, ...]}``."""
+    """Examples: ``{"id", "image" [H, W, 3] uint8, "captions": [str, ...]}`` and, for ``shapes``,
+    ``"objects"`` (then ``attribute_accuracy``: the fraction of captions that name every object's
+    colour + shape and nothing else, see :func:`caption_names_objects`)."""
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
         return pipe.caption(stack_images(batch), steps=self.steps, seed=list(seeds))
@@ -21,7 +24,12 @@ class CaptionEvaluator(Evaluator):
         ids = [str(e["id"]) for e in examples]
         cands = {i: normalize_caption(predictions[i]) for i in ids}
         refs = {str(e["id"]): [normalize_caption(c) for c in e["captions"]] for e in examples}
-        return {"cider_d": cider_d(cands, refs)[0], "bleu4": bleu4(cands, refs)[0]}
+        out = {"cider_d": cider_d(cands, refs)[0], "bleu4": bleu4(cands, refs)[0]}
+        if all("objects" in e for e in examples):  # shapes: every object's colour + shape named
+            named = [caption_names_objects(predictions[i], e["objects"])
+                     for i, e in zip(ids, examples)]
+            out["attribute_accuracy"] = sum(named) / len(named)
+        return out
 
 
 @register("vqa")

@@ -19,10 +19,16 @@ which is Meissonic's generator plus a text head:
   2x downsampling, next to 77 text tokens.
 
 Muddit appends a learned ``<mask>`` row to the CLIP vocabulary at load time (see
-``muddit_jax.port.clip_text``); the preset describes the checkpoint as shipped.
+``muddit_jax.port.clip_text``); ``muddit_512()`` describes the checkpoint as shipped,
+``muddit_512(mask_token=True)`` the network that trains (49409 text ids, mask = 49408).
+
+``meissonic_1024`` is Meissonic's 1024-px text-to-image generator: the same MM-DiT without the
+text head (64 x 64 codes, 32 x 32 = 1024 image tokens after the 2x downsampling).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from muddit_jax.models.mmdit import MMDiTConfig
 from muddit_jax.models.muddit import MudditConfig
@@ -30,6 +36,7 @@ from muddit_jax.models.text_encoder import CLIPTextConfig
 from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
 
 RESOLUTION_512 = 512
+RESOLUTION_1024 = 1024
 TEXT_LENGTH = 77
 
 
@@ -86,6 +93,20 @@ def muddit_512_mmdit() -> MMDiTConfig:
     )
 
 
-def muddit_512() -> MudditConfig:
-    """Muddit-512: CLIP ViT-H/14 text tower + 1B MM-DiT + 16x VQ (512 px -> 32 x 32 codes)."""
-    return MudditConfig(text=clip_vit_h14_text(), vq=meissonic_vq(), mmdit=muddit_512_mmdit())
+def muddit_512(mask_token: bool = False) -> MudditConfig:
+    """Muddit-512: CLIP ViT-H/14 text tower + 1B MM-DiT + 16x VQ (512 px -> 32 x 32 codes);
+    ``mask_token`` adds the ``<mask>`` row to the text vocabulary (and the text head)."""
+    cfg = MudditConfig(text=clip_vit_h14_text(), vq=meissonic_vq(), mmdit=muddit_512_mmdit())
+    if not mask_token:
+        return cfg
+    vocab = cfg.text.vocab_size + 1
+    return dataclasses.replace(
+        cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab),
+        mmdit=dataclasses.replace(cfg.mmdit, tokenizer_vocab_size=vocab),
+    )
+
+
+def meissonic_1024() -> MudditConfig:
+    """Meissonic-1024: the Muddit-512 networks without the text head (text-to-image only)."""
+    cfg = muddit_512()
+    return dataclasses.replace(cfg, mmdit=dataclasses.replace(cfg.mmdit, tokenizer_vocab_size=None))

@@ -150,3 +150,48 @@ def load_converted(dst: str | os.PathLike) -> dict[str, tuple[Any, dict[str, Any
 def _read_json(path: Path) -> dict[str, Any]:
     with open(path) as f:
         return json.load(f)
+
+
+def converted_pipeline(dst: str | os.PathLike, seed: int = 0, *, params: bool = True
+                       ) -> tuple[Any, Any, dict[str, Any] | None]:
+    """``(MudditConfig, tokenizer, params)`` of a converted whole pipeline, as Muddit runs it:
+    the CLIP tokenizer gets ``<mask>`` and the text tower its row (from
+    ``text_encoder/mask_token_embedding.npy`` when the release ships it, else initialised as
+    transformers' ``resize_token_embeddings`` does, with ``seed``). ``params=False`` reads only
+    the configs (``params`` is then ``None``); params are ``{"text_encoder", "mmdit", "vq"}``."""
+    import dataclasses
+
+    import jax
+
+    from muddit_jax.models.muddit import MudditConfig
+    from muddit_jax.models.text_encoder import add_mask_token
+    from muddit_jax.models.tokenizers import load_tokenizer
+
+    dst = Path(dst)
+    if not (dst / MANIFEST).is_file():
+        raise PortError(f"{dst} is not a muddit-convert output (no {MANIFEST}); run muddit-convert")
+    names = set(_read_json(dst / MANIFEST)["components"])
+    missing = {"transformer", "vqvae", "text_encoder"} - names
+    if missing or not (dst / "tokenizer").is_dir():
+        raise ValueError(
+            f"{dst} lacks {sorted(missing) or ['tokenizer/']}; convert the whole pipeline folder "
+            "(transformer/, vqvae/, text_encoder/, tokenizer/) with muddit-convert")
+    tok = load_tokenizer(dst / "tokenizer", add_mask_token=True)
+    if not params:
+        cfgs = {n: _config_class(n).from_hf_config(_strip(_read_json(dst / n / "config.json")))
+                for n in ("transformer", "vqvae", "text_encoder")}
+        text = cfgs["text_encoder"]
+        text = dataclasses.replace(text, vocab_size=max(text.vocab_size, tok.mask_id + 1))
+        return MudditConfig(text, cfgs["vqvae"], cfgs["transformer"]), tok, None
+    parts = load_converted(dst)
+    mask_file = dst / "text_encoder" / "mask_token_embedding.npy"
+    text_cfg, text_params, _ = add_mask_token(
+        *parts["text_encoder"], jax.random.key(seed), mask_id=tok.mask_id,
+        mask_embedding=np.load(mask_file) if mask_file.is_file() else None)
+    config = MudditConfig(text_cfg, parts["vqvae"][0], parts["transformer"][0])
+    return config, tok, {"text_encoder": text_params, "mmdit": parts["transformer"][1],
+                         "vq": parts["vqvae"][1]}
+
+
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if not k.startswith("_")}

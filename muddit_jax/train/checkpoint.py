@@ -162,10 +162,12 @@ def load_params(
     ``shardings`` (``{name: tree of NamedSharding}``, e.g. ``StateSetup.param_shardings``) places
     a checkpoint's arrays directly on their shards; other arrays land on one local device.
     """
-    from muddit_jax.port.convert import MANIFEST, load_converted
+    from muddit_jax.port.convert import MANIFEST, converted_pipeline, load_converted
 
     path = as_path(path)
     if (path / MANIFEST).exists():
+        if (path / "tokenizer").is_dir():  # a whole pipeline: with Muddit's <mask> text row
+            return converted_pipeline(str(path))[2]
         return {CONVERTED_NAMES[name]: p for name, (_, p) in load_converted(str(path)).items()}
     if not (path / "state").is_dir():
         path = _step_dir(path, step)

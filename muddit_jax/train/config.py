@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from muddit_jax.diffusion.loss import LossConfig
-from muddit_jax.models.mmdit import MMDiTConfig
+from muddit_jax.models import presets
 from muddit_jax.models.muddit import MudditConfig
 from muddit_jax.models.text_encoder import CLIPTextConfig
-from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
+from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-PRESETS = ("tiny", "meissonic_1b", "pretrained")
+PRESETS = ("tiny", "muddit_512", "meissonic_1024", "pretrained")
 SUBMODELS = ("text_encoder", "mmdit")
 
 
@@ -34,10 +34,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = dict(
-        preset="tiny",  # tiny | meissonic_1b | pretrained (configs from train.init_from)
+        preset="tiny",  # tiny | muddit_512 | meissonic_1024 | pretrained (configs from init_from)
         # tiny only: vocabularies, width and depths (MM-DiT dual / single blocks, text layers)
         text_vocab_size=64, codebook_size=16, width=32, dual_layers=2, single_layers=2,
         text_layers=2,
+        # tiny only: the VQ tokenizer (channels per level: downsample 2^(levels-1))
+        vq_channels=(32, 32, 64), vq_layers_per_block=1, vq_latent_channels=8,
+        vq_norm_groups=8,
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -47,24 +50,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = dict(
         text_loss_weight=0.6, min_mask_rate=0.0, mode="split", weighting="muddit",
         schedule="cosine", cond_dropout=0.1, text_pad_is_target=False,
-        text_mask_id=-1,  # -1 = text vocab - 1
+        t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
+        text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
     )
     c.data = dict(
-        kind="synthetic",  # synthetic | dataset (see muddit_jax/train/data.py)
+        kind="synthetic",  # synthetic | dataset | mixture (see muddit_jax/train/data.py)
         dataset="shapes", split="train", data_dir="", task="caption",
         options=ml_collections.ConfigDict(),  # dataset builder options (e.g. shapes fields)
-        tokenizer="",  # SentencePiece .model or CLIP tokenizer folder (data.kind=dataset)
+        # SentencePiece .model or CLIP tokenizer folder (data.kind=dataset); "auto" trains a
+        # SentencePiece model of model.text_vocab_size pieces on the split's texts into
+        # WORKDIR/tokenizer.model (muddit_jax/train/stages.py)
+        tokenizer="",
         global_batch=8,
         grid=4,  # image-code grid h = w (image_size / VQ factor when images=True)
         text_length=8,
         images=False,  # feed raw images [b, H, W, 3]; the frozen VQ encodes them in the step
         text_maskable=False,  # batches carry text_maskable [b, l] (VQA: keep the question)
+        # data.kind=mixture: {name: dict(weight=w, dataset=..., task=caption|vqa, options=...,
+        # split=, seed=, ...)}; rows per batch by weight, caption sources first
+        # (muddit_jax/data/mixture.py); dataset / task / options above are then unused
+        mixture=ml_collections.ConfigDict(),
     )
     c.eval = dict(
         tasks="caption,vqa,t2i",  # evaluators run by muddit-eval / every `every` train steps
         every=0,  # 0 = no periodic evaluation during training
         dataset="shapes", split="test", limit=64,  # options: data.options
         steps=16, guidance_scale=9.0, batch_size=8, shard_size=32, seed=0, ema=False,
+        at_end=False,  # also evaluate the final step
     )
     c.optim = dict(
         lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_ratio=0.0,
@@ -77,6 +89,20 @@ def base_config() -> ml_collections.ConfigDict:
         ema_decay=0.0,  # 0 = no EMA of params
         max_nonfinite=5,  # stop after this many non-finite steps in a row
         init_from="",  # muddit-convert folder or a training checkpoint dir (params only)
+        vq_from="",  # VQ params from a checkpoint dir; "auto" = WORKDIR/vq/checkpoints (stage 1)
+    )
+    c.vq = dict(  # stage 1: train the VQ tokenizer (muddit_jax/train/vq_stage.py)
+        steps=0,  # 0 = no VQ stage (the VQ comes from train.vq_from / train.init_from)
+        global_batch=32, lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_ratio=0.1,
+        b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
+        codebook="ema",  # ema | learned
+        ema_decay=0.99, beta=0.25, l1_weight=1.0, l2_weight=1.0,
+        restart_every=25, dead_after=100,  # dead-code restart (0 = never)
+        log_every=50, checkpoint_every=500, eval_images=256,
+    )
+    c.artifacts = dict(  # PNGs of the run (muddit_jax/train/artifacts.py)
+        every=0,  # 0 = only at the end (if at_end)
+        at_end=False, num_prompts=8, num_images=8, steps=16, guidance_scale=4.0,
     )
     c.checkpoint = dict(every=500, keep=3, async_save=True, dir="")  # "" = WORKDIR/checkpoints
     c.log = dict(every=10, tensorboard=True, peak_flops_per_device=0.0)  # 0 = from device kind
@@ -97,49 +123,15 @@ def dtype(name: str) -> Any:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
 
 
-def _meissonic_1b() -> MudditConfig:
-    """Muddit / Meissonic 1B shapes (CLIP-H text tower, 14 + 28 MM-DiT blocks, 8192 codes).
-
-    Written from the public configs for FLOP estimates, AOT compiles and scaling runs; to train
-    from the released weights use ``preset="pretrained"`` (configs read from the converted folder).
-    """
-    text = CLIPTextConfig(
-        vocab_size=49409, hidden_size=1024, intermediate_size=4096, projection_dim=1024,
-        num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu",
-    )
-    vq = VQConfig(
-        block_out_channels=(128, 256, 256, 512, 768), down_block_types=(DOWN_BLOCK,) * 5,
-        up_block_types=(UP_BLOCK,) * 5, layers_per_block=2, latent_channels=64,
-        num_vq_embeddings=8192, vq_embed_dim=64, norm_num_groups=32,
-    )
-    mmdit = MMDiTConfig(
-        num_layers=14, num_single_layers=28, attention_head_dim=128, num_attention_heads=8,
-        joint_attention_dim=1024, pooled_projection_dim=1024, axes_dims_rope=(16, 56, 56),
-        vocab_size=8256, codebook_size=8192, tokenizer_vocab_size=49409,
-        downsample=True, upsample=True,
-    )
-    return MudditConfig(text=text, vq=vq, mmdit=mmdit)
-
-
 def _pretrained(folder: str) -> MudditConfig:
-    from pathlib import Path
-
-    from muddit_jax.port import io
+    """The networks of a converted whole pipeline, with Muddit's ``<mask>`` text row."""
+    from muddit_jax.port.convert import converted_pipeline
 
     if not folder:
         raise ValueError(
             "model.preset='pretrained' needs train.init_from (a muddit-convert folder)"
         )
-    root = Path(folder)
-    return MudditConfig(
-        text=CLIPTextConfig.from_hf_config(_strip(io.load_config(root / "text_encoder"))),
-        vq=VQConfig.from_hf_config(_strip(io.load_config(root / "vqvae"))),
-        mmdit=MMDiTConfig.from_hf_config(_strip(io.load_config(root / "transformer"))),
-    )
-
-
-def _strip(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not k.startswith("_")}
+    return converted_pipeline(folder, params=False)[0]
 
 
 def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
@@ -148,16 +140,24 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     if m.preset == "tiny":
         cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
         positions = max(cfg.text.max_position_embeddings, int(c.data.text_length))
+        levels = len(m.vq_channels)
+        vq = dataclasses.replace(
+            cfg.vq, block_out_channels=tuple(m.vq_channels), down_block_types=(DOWN_BLOCK,) * levels,
+            up_block_types=(UP_BLOCK,) * levels, layers_per_block=m.vq_layers_per_block,
+            latent_channels=m.vq_latent_channels, norm_num_groups=m.vq_norm_groups,
+        )
         return dataclasses.replace(
-            cfg,
+            cfg, vq=vq,
             text=dataclasses.replace(cfg.text, num_hidden_layers=m.text_layers,
                                      max_position_embeddings=positions),
             mmdit=dataclasses.replace(
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers
             ),
         )
-    if m.preset == "meissonic_1b":
-        return _meissonic_1b()
+    if m.preset == "muddit_512":
+        return presets.muddit_512(mask_token=True)
+    if m.preset == "meissonic_1024":
+        return presets.meissonic_1024()
     if m.preset == "pretrained":
         return _pretrained(c.train.init_from)
     raise ValueError(f"model.preset={m.preset!r}: use one of {PRESETS}")
@@ -168,14 +168,18 @@ def empty_text_ids(text: CLIPTextConfig, length: int) -> tuple[int, ...]:
     return (text.bos_token_id, text.eos_token_id) + (text.pad_token_id,) * (length - 2)
 
 
-def loss_config(c: ml_collections.ConfigDict, model: MudditConfig) -> LossConfig:
-    """:class:`LossConfig` from ``c.loss`` and the model (mask ids, empty prompt)."""
+def loss_config(c: ml_collections.ConfigDict, model: MudditConfig,
+                tokenizer_mask_id: int | None = None) -> LossConfig:
+    """:class:`LossConfig` from ``c.loss`` and the model (mask ids, empty prompt). The text mask
+    id is ``loss.text_mask_id`` if set, else the tokenizer's, else the last text id."""
     fields = {f.name for f in dataclasses.fields(LossConfig)}
     kw = {k: v for k, v in c.loss.items() if k in fields and k != "text_mask_id"}
     mask_id = c.loss.text_mask_id
+    if mask_id < 0:
+        mask_id = model.text.vocab_size - 1 if tokenizer_mask_id is None else tokenizer_mask_id
     return LossConfig(
         image_mask_id=model.mmdit.mask_token_id,
-        text_mask_id=model.text.vocab_size - 1 if mask_id < 0 else mask_id,
+        text_mask_id=mask_id,
         empty_text_ids=empty_text_ids(model.text, c.data.text_length),
         **kw,
     )

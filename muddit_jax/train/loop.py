@@ -28,6 +28,7 @@ import numpy as np
 from muddit_jax.parallel import distributed
 from muddit_jax.parallel.sharding import host_rows
 from muddit_jax.train.checkpoint import Checkpointer
+from muddit_jax.train.artifacts import run_artifacts
 from muddit_jax.train.data import dataset_factory
 from muddit_jax.train.flops import train_step_flops
 from muddit_jax.train.metrics import MetricWriter, Throughput, peak_flops, progress_line
@@ -99,10 +100,10 @@ def periodic_eval(config: ml_collections.ConfigDict, state: TrainState, workdir:
                   writer: MetricWriter) -> None:
     """The ``muddit-eval`` job on the current params (``eval.tasks`` on ``eval.limit`` examples),
     into ``WORKDIR/eval/<step>/``; metrics are logged as ``eval/<task>/<metric>``."""
-    from muddit_jax.eval.job import build_pipeline, evaluate, parse_tasks
+    from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, parse_tasks
 
     pipe = build_pipeline(config, state.all_params(ema=bool(config.eval.ema)))
-    summary = evaluate(config, pipe, workdir / "eval" / str(step), parse_tasks(config.eval.tasks))
+    summary = evaluate(config, pipe, eval_dir(workdir, step, config.eval.split), parse_tasks(config.eval.tasks))
     writer.write(step, {f"eval/{t}/{k}": v for t, ms in summary.items() for k, v in ms.items()})
 
 
@@ -191,8 +192,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
                 last, pending = consume(*pending), None
                 if not bad and last["nonfinite_streak"] == 0:
                     ckpt.save(step, state, data.get_state(), config)
-            if config.eval.every and step % config.eval.every == 0 and not bad:
-                periodic_eval(config, state, workdir, step, writer)
+            if not bad:
+                end = step == total
+                if (config.eval.every and step % config.eval.every == 0) or (
+                        end and config.eval.at_end):
+                    periodic_eval(config, state, workdir, step, writer)
+                if (config.artifacts.every and step % config.artifacts.every == 0) or (
+                        end and config.artifacts.at_end):
+                    writer.flush()
+                    run_artifacts(config, state.all_params(ema=bool(config.eval.ema)), workdir,
+                                  step)
             if bad:
                 break
         if pending is not None:

@@ -74,13 +74,14 @@ class MetricWriter:
 
 
 def read_jsonl(path: str | Path) -> dict[int, dict[str, float]]:
-    """``{step: metrics}`` from a ``metrics.jsonl`` (a repeated step keeps its last entry)."""
+    """``{step: metrics}`` from a ``metrics.jsonl``; entries of the same step are merged, later
+    values winning (a step re-run after a resume, eval metrics logged beside train metrics)."""
     out: dict[int, dict[str, float]] = {}
     with open(path) as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                out[int(row.pop("step"))] = row
+                out.setdefault(int(row.pop("step")), {}).update(row)
     return out
 
 

@@ -77,6 +77,13 @@ def validate(config: ml_collections.ConfigDict, shards: int, model: Any) -> None
             f"data.text_length={config.data.text_length} exceeds the text encoder's "
             f"{model.text.max_position_embeddings} positions"
         )
+    e, a = config.eval, config.artifacts
+    if e.every or e.at_end or a.every or a.at_end:
+        what = "eval.every/at_end and artifacts.every/at_end"
+        if not config.data.images:
+            raise ValueError(f"{what} decode images with the VQ: set data.images=True")
+        if not config.data.tokenizer:
+            raise ValueError(f"{what} need data.tokenizer")
     if config.checkpoint.every < 1 or config.log.every < 1:
         raise ValueError("checkpoint.every and log.every must be >= 1")
 
@@ -121,6 +128,20 @@ class Run:
         return global_batch(local, self.batch_shardings, self.config.data.global_batch)
 
 
+def text_mask_id(config: ml_collections.ConfigDict, model: Any) -> int | None:
+    """The ``<mask>`` id of ``data.tokenizer`` (what the samplers start from), checked against the
+    text vocabulary; ``None`` without a tokenizer (``loss.text_mask_id`` then decides)."""
+    if not config.data.tokenizer or config.loss.text_mask_id >= 0:
+        return None
+    from muddit_jax.models.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(config.data.tokenizer, add_mask_token=True)
+    if tok.vocab_size > model.text.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the text encoder only "
+                         f"{model.text.vocab_size}; raise model.text_vocab_size")
+    return tok.mask_id
+
+
 def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
     """Mesh, rules, networks, optimizer, state setup and the step for ``config``."""
     mesh = create_mesh(MeshConfig.from_config(config.mesh), devices)
@@ -139,7 +160,8 @@ def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
         grid=config.data.grid, text_length=config.data.text_length,
     )
     step_fn = make_train_step(
-        muddit_loss_fn(nets, C.loss_config(config, model)), tx, schedule=schedule,
+        muddit_loss_fn(nets, C.loss_config(config, model, text_mask_id(config, model))), tx,
+        schedule=schedule,
         accum_steps=config.train.grad_accum, ema_decay=config.train.ema_decay,
         encode_fn=vq_encode_fn(nets) if config.data.images else None,
     )
@@ -155,7 +177,7 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
     if restored is not None:
         data.set_state(restored.data_iter)
         return restored.state, True
-    pretrained = None
+    pretrained = {}
     if config.train.init_from:
         shardings = None if config.model.scan_layers else run.setup.param_shardings
         pretrained = load_params(config.train.init_from, shardings=shardings)
@@ -163,4 +185,8 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
             from muddit_jax.models.mmdit import stack_block_params
 
             pretrained["mmdit"] = stack_block_params(pretrained["mmdit"])
-    return run.setup.init(config.seed, pretrained), False
+    if config.train.vq_from:
+        if not config.data.images:
+            raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
+        pretrained["vq"] = load_params(config.train.vq_from)["vq"]
+    return run.setup.init(config.seed, pretrained or None), False

@@ -1,0 +1,99 @@
+"""The embedded default end to end, shortened (``configs/shapes_tiny.py:smoke``): tokenizer ->
+VQ stage -> MM-DiT stage on the shapes mixture -> evaluation + artifacts; resume; the sample and
+eval CLIs on the run folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from muddit_jax.cli import eval as eval_cli
+from muddit_jax.cli import sample as sample_cli
+from muddit_jax.train.metrics import read_jsonl
+
+CONFIG = "configs/shapes_tiny.py:smoke"
+
+
+def _train(workdir, *overrides: str) -> str:
+    cmd = [sys.executable, "-m", "muddit_jax.cli.train", f"--config={CONFIG}",
+           f"--workdir={workdir}", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("shapes")
+    first = _train(workdir)
+    return workdir, first
+
+
+def test_every_stage_runs_and_writes_its_artifacts(run) -> None:
+    workdir, log = run
+    assert "trained a" in log and "stage vq" in log and "done at step 30" in log
+    for name in ("tokenizer.model", "vq/recon.png", "vq/eval.json", "vq/metrics.jsonl",
+                 "metrics.jsonl", "loss.png", "samples/30/t2i.png",
+                 "samples/30/understanding.png", "eval/30/summary.json", "eval/30/summary.md"):
+        assert (workdir / name).is_file(), name
+    for png in ("loss.png", "vq/recon.png", "samples/30/t2i.png", "samples/30/understanding.png"):
+        img = np.asarray(Image.open(workdir / png))
+        assert img.ndim == 3 and img.std() > 1.0, png  # not a blank canvas
+    summary = json.loads((workdir / "eval/30/summary.json").read_text())
+    assert {"cider_d", "bleu4", "attribute_accuracy"} <= set(summary["caption"])
+    assert "vqa_accuracy" in summary["vqa"] and "overall" in summary["t2i"]
+    vq = json.loads((workdir / "vq/eval.json").read_text())
+    assert {"psnr", "usage", "perplexity"} <= set(vq) and 0 < vq["usage"] <= 1
+
+
+def test_losses_decrease(run) -> None:
+    workdir, _ = run
+    log = read_jsonl(workdir / "metrics.jsonl")
+    losses = [log[s]["loss"] for s in sorted(log) if "loss" in log[s]]
+    assert len(losses) == 15
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    vq = read_jsonl(workdir / "vq/metrics.jsonl")
+    assert vq[max(vq)]["psnr"] > vq[min(vq)]["psnr"]
+
+
+def test_rerun_resumes_both_stages(run) -> None:
+    workdir, _ = run
+    log = _train(workdir, "--config.train.steps=32")
+    assert "stage vq" in log and "resumed at step 6" in log  # VQ finished: nothing to redo
+    assert "resumed at step 30" in log and "done at step 32" in log
+    again = _train(workdir, "--config.train.steps=32", "--stage=mmdit")
+    assert "stage vq" not in again and "done at step 32" in again
+
+
+def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
+    workdir, _ = run
+    out = tmp_path / "a.png"
+    assert sample_cli.main(["--workdir", str(workdir), "--prompt", "a red circle",
+                            "--out", str(out), "--steps", "2"]) == 0
+    image = np.asarray(Image.open(out))
+    assert image.shape == (32, 32, 3)
+    assert sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--steps", "2"]) == 0
+    assert sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--question",
+                            "what color is the circle?", "--steps", "2"]) == 0
+    assert eval_cli.main([f"--config={CONFIG}", f"--workdir={workdir}", "--task=vqa"]) == 0
+    printed = capsys.readouterr().out
+    assert "muddit-sample: wrote" in printed and "vqa_accuracy=" in printed
+
+
+def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
+    from muddit_jax.train.stages import run_stages
+    from muddit_jax.train.config import base_config
+
+    with pytest.raises(ValueError, match="--stage"):
+        run_stages(base_config(), tmp_path, "decoder")
+    c = base_config()
+    c.vq.steps = 5
+    with pytest.raises(ValueError, match="data.images=True"):
+        run_stages(c, tmp_path, "vq")
+    assert sample_cli.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
