@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -123,6 +124,9 @@ class MudditPipeline:
         """
         from muddit_jax.port.convert import converted_pipeline
 
+        if not (Path(path) / "tokenizer").is_dir():
+            raise ValueError(f"{path} lacks tokenizer/; convert the whole pipeline folder "
+                             "(transformer/, vqvae/, text_encoder/, tokenizer/) with muddit-convert")
         config, tok, params = converted_pipeline(path, seed)
         return cls(config, tok, params, image_size, **kw)
 

@@ -80,9 +80,13 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     assert sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--steps", "2"]) == 0
     assert sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--question",
                             "what color is the circle?", "--steps", "2"]) == 0
-    assert eval_cli.main([f"--config={CONFIG}", f"--workdir={workdir}", "--task=vqa"]) == 0
+    assert eval_cli.main([f"--config={CONFIG}", f"--workdir={workdir}", "--task=vqa",
+                          "--config.eval.split=validation"]) == 0
     printed = capsys.readouterr().out
     assert "muddit-sample: wrote" in printed and "vqa_accuracy=" in printed
+    step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    summary = json.loads((workdir / "eval" / f"{step}-validation" / "summary.json").read_text())
+    assert set(summary) == {"vqa"}
 
 
 def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:

@@ -137,7 +137,7 @@ def test_exact_resume_after_sigkill_mid_save_and_sigterm(tmp_path, cache) -> Non
     for key in ("loss", "image_loss", "text_loss", "grad_norm", "lr", "steps_per_sec",
                 "tokens_per_sec", "eta_sec", "mfu"):
         assert key in row, key
-    assert re.search(r"step 40/40 \| loss \d+\.\d+ \| .* steps/s \| .* tok/s \| MFU .*% \| ETA",
+    assert re.search(r"step 40/40 \[#{20}\] \| loss \d+\.\d+ \| .* steps/s \| .* tok/s \| MFU .*% \| ETA",
                      straight_out)
 
 
@@ -189,3 +189,13 @@ def test_load_params_from_converted_folder(tmp_path) -> None:
 def test_cli_requires_config_and_workdir(capsys) -> None:
     assert train_main(["--workdir", "x"]) == 2
     assert "--config and --workdir are required" in capsys.readouterr().err
+
+
+def test_progress_line_shows_a_bar_rates_and_eta() -> None:
+    from muddit_jax.train.metrics import progress_line
+
+    line = progress_line(25, 100, {"loss": 2.5, "steps_per_sec": 2.0, "tokens_per_sec": 1500.0,
+                                   "eta_sec": 37.5})
+    assert line.startswith("step 25/100 [#####---------------]")
+    assert "loss 2.5000" in line and "2.00 steps/s" in line and "1.5k tok/s" in line
+    assert line.endswith("ETA 0:00:38") or line.endswith("ETA 0:00:37")

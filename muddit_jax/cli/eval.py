@@ -13,21 +13,19 @@ import sys
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
+
+from muddit_jax.cli import config_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv)
-    flags.DEFINE_string("workdir", None, "training run folder", flag_values=fv)
-    flags.DEFINE_string("task", "all", "all or a comma-separated subset of caption,vqa,t2i",
-                        flag_values=fv)
-    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
-    flags.DEFINE_bool("ema", False, "evaluate the EMA params", flag_values=fv)
-    fv(["muddit-eval", *argv])
-    if fv.config is None or not fv.workdir:
-        print("muddit-eval: --config and --workdir are required", file=sys.stderr)
+    def define(fv: flags.FlagValues) -> None:
+        flags.DEFINE_string("task", "all", "all or a comma-separated subset of caption,vqa,t2i",
+                            flag_values=fv)
+        flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+        flags.DEFINE_bool("ema", False, "evaluate the EMA params", flag_values=fv)
+
+    fv = config_args.parse("muddit-eval", argv, define)
+    if fv is None:
         return 2
     from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, local_mesh, parse_tasks
     from muddit_jax.parallel import distributed

@@ -15,25 +15,22 @@ from __future__ import annotations
 import sys
 
 from absl import flags
-from ml_collections import config_flags
+
+from muddit_jax.cli import config_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "training config file (get_config)", flag_values=fv, lock_config=True
-    )
-    flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics)", flag_values=fv)
-    flags.DEFINE_enum("stage", "all", ["vq", "mmdit", "all"], "which training stages to run",
-                      flag_values=fv)
-    fv(["muddit-train", *argv])
-    if fv.config is None or not fv.workdir:
-        print("muddit-train: --config and --workdir are required", file=sys.stderr)
+    fv = config_args.parse("muddit-train", argv, lambda fv: flags.DEFINE_enum(
+        "stage", "all", ["vq", "mmdit", "all"], "which training stages to run", flag_values=fv))
+    if fv is None:
         return 2
     from muddit_jax.train.stages import run_stages
 
-    result = run_stages(fv.config, fv.workdir, fv.stage)
+    try:
+        result = run_stages(fv.config, fv.workdir, fv.stage)
+    except ValueError as e:
+        print(f"muddit-train: error: {e}", file=sys.stderr)
+        return 2
     if fv.stage == "vq":
         return 0
     print(f"muddit-train: {result.status} at step {result.step}", flush=True)

@@ -32,9 +32,9 @@ from muddit_jax.data.pipeline import (
     Batch,
     DataConfig,
     DataIterator,
-    host_block,
     make_iterator,
     resolve_tokenizer,
+    row_block,
 )
 from muddit_jax.data.registry import PRETOKENIZED
 from muddit_jax.models.tokenizers import Tokenizer
@@ -208,14 +208,7 @@ def make_mixture(config: MixtureConfig, tokenizer: Tokenizer | str | None = None
                  process_count: int | None = None) -> MixtureIterator:
     """This host's :class:`MixtureIterator`; ``rows`` / ``process_*`` as in
     :func:`~muddit_jax.data.pipeline.make_iterator` (default: this process's equal share)."""
-    big = config.global_batch_size
-    if rows is None:
-        start, stop = host_block(big, process_index, process_count)
-    else:
-        start, stop, step = rows.indices(big)
-        if step != 1 or stop <= start:
-            raise ValueError(f"rows={rows} must be a non-empty contiguous slice of the "
-                             f"global_batch_size={big} rows")
+    start, stop = row_block(config.global_batch_size, rows, process_index, process_count)
     tokenizer = resolve_tokenizer(tokenizer)
     parts = []
     for index, (source, a, b) in enumerate(config.layout()):

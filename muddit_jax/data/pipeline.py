@@ -247,6 +247,19 @@ def host_block(global_batch_size: int, process_index: int | None = None,
     return pi * per, (pi + 1) * per
 
 
+def row_block(global_batch_size: int, rows: slice | None, process_index: int | None = None,
+              process_count: int | None = None) -> tuple[int, int]:
+    """``(start, stop)`` of the rows this host feeds: ``rows`` (checked) or its
+    :func:`host_block`."""
+    if rows is None:
+        return host_block(global_batch_size, process_index, process_count)
+    start, stop, step = rows.indices(global_batch_size)
+    if step != 1 or stop <= start:
+        raise ValueError(f"rows={rows} must be a non-empty contiguous slice of the "
+                         f"global_batch_size={global_batch_size} rows")
+    return start, stop
+
+
 def make_iterator(config: DataConfig | Mapping[str, Any],
                   tokenizer: Tokenizer | str | None = None, *,
                   process_index: int | None = None, process_count: int | None = None,
@@ -264,13 +277,7 @@ def make_iterator(config: DataConfig | Mapping[str, Any],
         config = DataConfig.from_dict(config)
     tokenizer = resolve_tokenizer(tokenizer)
     big = config.global_batch_size
-    if rows is None:
-        start, stop = host_block(big, process_index, process_count)
-    else:
-        start, stop, step = rows.indices(big)
-        if step != 1 or stop <= start:
-            raise ValueError(f"rows={rows} must be a non-empty contiguous slice of the "
-                             f"global_batch_size={big} rows")
+    start, stop = row_block(big, rows, process_index, process_count)
     pretokenized = config.dataset == registry.PRETOKENIZED
     if pretokenized:
         check_pretokenized(config, tokenizer)

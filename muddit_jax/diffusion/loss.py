@@ -213,7 +213,13 @@ def diffusion_loss(
     image_logits, text_logits = forward_fn(params, image_in, text_in, timestep, micro_conds)
 
     img_ce, img_correct = _masked_ce(image_logits, image_ids, img_mask)
-    txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
+    if text_logits is None:  # a T2I-only generator (no text head): every row must be T2I
+        if config.mode != "split" or round(b * config.t2i_fraction) != b:
+            raise ValueError("the model has no text head (T2I only): set loss.mode='split' and "
+                             "loss.t2i_fraction=1")
+        txt_ce, txt_correct = jnp.zeros((b,)), jnp.zeros((b, l), bool)
+    else:
+        txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
     img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, schedule, config)
     txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, schedule, config)
 

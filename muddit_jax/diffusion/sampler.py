@@ -131,11 +131,20 @@ def filter_logits(logits: Array, cfg: SamplerConfig) -> Array:
     return logits
 
 
+def argmax_last(x: Array) -> Array:
+    """``jnp.argmax(x, -1)`` (first index of the maximum) as two plain reductions (max, then min
+    over matching indices): XLA:CPU runs the variadic (value, index) reduce of ``argmax`` about
+    3x slower, and it is ~10% of a sampling step over an 8k codebook."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
 def draw_candidates(logits: Array, sample_gumbel: Array | None, cfg: SamplerConfig) -> Array:
     """Candidates ``[b, n]``: Gumbel-max over filtered logits (= categorical), or argmax."""
     if cfg.sampling == "argmax" or sample_gumbel is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.argmax(filter_logits(logits, cfg) + sample_gumbel, axis=-1).astype(jnp.int32)
+        return argmax_last(logits)
+    return argmax_last(filter_logits(logits, cfg) + sample_gumbel)
 
 
 def num_to_remask(unknown: Array, step: Array, n_base: Array, cfg: SamplerConfig) -> Array:

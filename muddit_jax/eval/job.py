@@ -31,6 +31,11 @@ def eval_dir(workdir: str | Path, step: int, split: str) -> Path:
     return Path(workdir) / "eval" / (str(step) if split == "test" else f"{step}-{split}")
 
 
+def eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Builder options of ``eval.dataset``: ``eval.options``, else ``data.options``."""
+    return dict(config.eval.get("options") or {}) or dict(config.data.options)
+
+
 def parse_tasks(spec: str) -> list[str]:
     """``"all"`` or a comma-separated subset of the evaluation tasks."""
     tasks = list(TASKS) if spec == "all" else [t.strip() for t in spec.split(",") if t.strip()]
@@ -86,7 +91,7 @@ def evaluate(
     for task in tasks:
         examples = eval_examples(task, e.dataset, e.split, image_size=pipe.image_size,
                                  limit=e.limit or None, data_dir=config.data.data_dir or None,
-                                 **dict(config.data.options))
+                                 **eval_options(config))
         ev = get_evaluator(task, examples, batch_size=e.batch_size, shard_size=e.shard_size,
                            steps=e.steps, seed=e.seed, guidance_scale=e.guidance_scale)
         summary[task] = ev.run(pipe, out_dir, process_index=jax.process_index(),

@@ -155,7 +155,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def converted_pipeline(dst: str | os.PathLike, seed: int = 0, *, params: bool = True
                        ) -> tuple[Any, Any, dict[str, Any] | None]:
     """``(MudditConfig, tokenizer, params)`` of a converted whole pipeline, as Muddit runs it:
-    the CLIP tokenizer gets ``<mask>`` and the text tower its row (from
+    the CLIP tokenizer (``None`` without ``tokenizer/``) gets ``<mask>`` and the text tower its
+    row (from
     ``text_encoder/mask_token_embedding.npy`` when the release ships it, else initialised as
     transformers' ``resize_token_embeddings`` does, with ``seed``). ``params=False`` reads only
     the configs (``params`` is then ``None``); params are ``{"text_encoder", "mmdit", "vq"}``."""
@@ -172,22 +173,27 @@ def converted_pipeline(dst: str | os.PathLike, seed: int = 0, *, params: bool = 
         raise PortError(f"{dst} is not a muddit-convert output (no {MANIFEST}); run muddit-convert")
     names = set(_read_json(dst / MANIFEST)["components"])
     missing = {"transformer", "vqvae", "text_encoder"} - names
-    if missing or not (dst / "tokenizer").is_dir():
+    if missing:
         raise ValueError(
-            f"{dst} lacks {sorted(missing) or ['tokenizer/']}; convert the whole pipeline folder "
-            "(transformer/, vqvae/, text_encoder/, tokenizer/) with muddit-convert")
-    tok = load_tokenizer(dst / "tokenizer", add_mask_token=True)
+            f"{dst} lacks {sorted(missing)}; convert the whole pipeline folder (transformer/, "
+            "vqvae/, text_encoder/, tokenizer/) with muddit-convert")
+    tok = None  # without tokenizer/ the text tower is taken as is (no <mask> row added)
+    if (dst / "tokenizer").is_dir():
+        tok = load_tokenizer(dst / "tokenizer", add_mask_token=True)
     if not params:
         cfgs = {n: _config_class(n).from_hf_config(_strip(_read_json(dst / n / "config.json")))
                 for n in ("transformer", "vqvae", "text_encoder")}
         text = cfgs["text_encoder"]
-        text = dataclasses.replace(text, vocab_size=max(text.vocab_size, tok.mask_id + 1))
+        if tok is not None:
+            text = dataclasses.replace(text, vocab_size=max(text.vocab_size, tok.mask_id + 1))
         return MudditConfig(text, cfgs["vqvae"], cfgs["transformer"]), tok, None
     parts = load_converted(dst)
-    mask_file = dst / "text_encoder" / "mask_token_embedding.npy"
-    text_cfg, text_params, _ = add_mask_token(
-        *parts["text_encoder"], jax.random.key(seed), mask_id=tok.mask_id,
-        mask_embedding=np.load(mask_file) if mask_file.is_file() else None)
+    text_cfg, text_params = parts["text_encoder"]
+    if tok is not None:
+        mask_file = dst / "text_encoder" / "mask_token_embedding.npy"
+        text_cfg, text_params, _ = add_mask_token(
+            text_cfg, text_params, jax.random.key(seed), mask_id=tok.mask_id,
+            mask_embedding=np.load(mask_file) if mask_file.is_file() else None)
     config = MudditConfig(text_cfg, parts["vqvae"][0], parts["transformer"][0])
     return config, tok, {"text_encoder": text_params, "mmdit": parts["transformer"][1],
                          "vq": parts["vqvae"][1]}

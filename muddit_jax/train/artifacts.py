@@ -155,7 +155,7 @@ def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str
     answers = pipe.answer(np.asarray(images), list(questions), steps=steps, seed=seed)
     titles = [f"caption: {c} | Q: {q} A: {a} (true: {t})"
               for c, q, a, t in zip(captions, questions, answers, truths)]
-    und = save_png(titled_grid(np.asarray(images), titles, lines=7), out_dir / "understanding.png")
+    und = save_png(titled_grid(np.asarray(images), titles, lines=9), out_dir / "understanding.png")
     return {"t2i": t2i, "understanding": und}
 
 
@@ -166,7 +166,7 @@ def run_artifacts(config: Any, params: Mapping[str, Any], workdir: str | Path, s
     import jax
 
     from muddit_jax.eval.datasets import eval_examples
-    from muddit_jax.eval.job import build_pipeline
+    from muddit_jax.eval.job import build_pipeline, eval_options
     from muddit_jax.train.metrics import read_jsonl
 
     workdir, a = Path(workdir), config.artifacts
@@ -174,7 +174,7 @@ def run_artifacts(config: Any, params: Mapping[str, Any], workdir: str | Path, s
         return {}
     pipe = build_pipeline(config, params)
     kw = dict(image_size=pipe.image_size, data_dir=config.data.data_dir or None,
-              **dict(config.data.options))
+              **eval_options(config))
     captions = eval_examples("caption", config.eval.dataset, config.eval.split,
                              limit=a.num_prompts, **kw)
     vqa, seen = [], set()

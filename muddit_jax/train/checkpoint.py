@@ -166,7 +166,8 @@ def load_params(
 
     path = as_path(path)
     if (path / MANIFEST).exists():
-        if (path / "tokenizer").is_dir():  # a whole pipeline: with Muddit's <mask> text row
+        names = set(json.loads((path / MANIFEST).read_text())["components"])
+        if names >= set(CONVERTED_NAMES):  # a whole pipeline (with Muddit's <mask> text row)
             return converted_pipeline(str(path))[2]
         return {CONVERTED_NAMES[name]: p for name, (_, p) in load_converted(str(path)).items()}
     if not (path / "state").is_dir():

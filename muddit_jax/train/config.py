@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = dict(
         tasks="caption,vqa,t2i",  # evaluators run by muddit-eval / every `every` train steps
         every=0,  # 0 = no periodic evaluation during training
-        dataset="shapes", split="test", limit=64,  # options: data.options
+        dataset="shapes", split="test", limit=64,
+        options=ml_collections.ConfigDict(),  # builder options of eval.dataset; {} = data.options
         steps=16, guidance_scale=9.0, batch_size=8, shard_size=32, seed=0, ema=False,
         at_end=False,  # also evaluate the final step
     )

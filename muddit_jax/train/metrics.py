@@ -116,8 +116,11 @@ class Throughput:
 
 
 def progress_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
-    """``step 10/100 | loss 5.1234 | 3.20 steps/s | 1.2k tok/s | MFU 12.3% | ETA 0:00:28``."""
-    parts = [f"step {step}/{total}", f"loss {metrics.get('loss', math.nan):.4f}"]
+    """``step 10/100 [##------------------] | loss 5.1234 | 3.20 steps/s | 1.2k tok/s | MFU 12.3%
+    | ETA 0:00:28``."""
+    filled = round(20 * step / total) if total > 0 else 20
+    bar = "#" * filled + "-" * (20 - filled)
+    parts = [f"step {step}/{total} [{bar}]", f"loss {metrics.get('loss', math.nan):.4f}"]
     if "steps_per_sec" in metrics:
         parts.append(f"{metrics['steps_per_sec']:.2f} steps/s")
         parts.append(f"{_si(metrics['tokens_per_sec'])} tok/s")

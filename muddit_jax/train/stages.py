@@ -1,6 +1,7 @@
 """A from-scratch run in stages (``muddit-train --stage vq|mmdit|all``), all in one workdir::
 
     WORKDIR/tokenizer.model     data.tokenizer="auto": SentencePiece trained on the split's texts
+                                (fine-tuning a converted pipeline: its tokenizer/ instead)
     WORKDIR/vq/                 stage 1 (vq): checkpoints/, metrics.jsonl, eval.json, recon.png
     WORKDIR/checkpoints/ ...    stage 2 (mmdit): the MM-DiT (+ text encoder) with the ELBO, the
                                 VQ frozen and read from stage 1 (train.vq_from="auto")
@@ -33,10 +34,14 @@ TOKENIZER_FILE = "tokenizer.model"
 
 def resolve(config: ml_collections.ConfigDict, workdir: str | Path, *,
             train_missing: bool = True) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with ``data.tokenizer`` / ``train.vq_from`` = ``"auto"`` replaced by
-    their workdir paths; the tokenizer is trained first if missing (``train_missing``)."""
+    """A copy of ``config`` with ``"auto"`` fields made concrete: ``data.tokenizer`` is the
+    converted pipeline's ``tokenizer/`` (``model.preset="pretrained"``) or
+    ``WORKDIR/tokenizer.model`` (trained first if missing and ``train_missing``);
+    ``train.vq_from`` is ``WORKDIR/vq/checkpoints``."""
     config = ml_collections.ConfigDict(config.to_dict())
     workdir = Path(workdir).absolute()
+    if config.data.tokenizer == AUTO and config.model.preset == "pretrained":
+        config.data.tokenizer = str(Path(config.train.init_from) / "tokenizer")
     if config.data.tokenizer == AUTO:
         path = workdir / TOKENIZER_FILE
         if not path.exists():
@@ -85,10 +90,11 @@ def _image_iterator(config: ml_collections.ConfigDict, resolution: int, rows: sl
 def eval_images(config: ml_collections.ConfigDict, resolution: int, limit: int) -> np.ndarray:
     """The first ``limit`` images of the evaluation split, float ``[N, R, R, 3]`` in [0, 1]."""
     from muddit_jax.eval.datasets import eval_examples
+    from muddit_jax.eval.job import eval_options
 
     ex = eval_examples("caption", config.eval.dataset, config.eval.split, image_size=resolution,
                        limit=limit, data_dir=config.data.data_dir or None,
-                       **dict(config.data.options))
+                       **eval_options(config))
     return np.stack([e["image"] for e in ex]).astype(np.float32) / 255.0
 
 
