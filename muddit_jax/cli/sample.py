@@ -36,17 +36,6 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BICUBIC), np.uint8)
 
 
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write ``uint8 [H, W, 3]`` as PNG atomically."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(image).save(tmp)
-    tmp.replace(path)
-
-
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
     """The pipeline of ``--workdir`` or ``--checkpoint`` and its guidance scale."""
     if args.checkpoint:
@@ -91,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed,
                                   guidance_scale=guidance)[0]
-            save_png(image, args.out)
+            from PIL import Image
+
+            from muddit_jax.train.artifacts import save_png
+
+            save_png(Image.fromarray(image), args.out)
             print(f"muddit-sample: wrote {args.out}")
             return 0
         image = load_image(args.image, pipe.image_size)[None]

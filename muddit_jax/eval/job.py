@@ -31,9 +31,13 @@ def eval_dir(workdir: str | Path, step: int, split: str) -> Path:
     return Path(workdir) / "eval" / (str(step) if split == "test" else f"{step}-{split}")
 
 
-def eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Builder options of ``eval.dataset``: ``eval.options``, else ``data.options``."""
-    return dict(config.eval.get("options") or {}) or dict(config.data.options)
+def split_examples(config: ml_collections.ConfigDict, task: str, image_size: int,
+                   limit: int | None) -> list[dict[str, Any]]:
+    """The first ``limit`` ``task`` examples of ``eval.dataset`` / ``eval.split``, read with
+    ``eval.options`` (else ``data.options``) from ``data.data_dir``."""
+    options = dict(config.eval.get("options") or {}) or dict(config.data.options)
+    return eval_examples(task, config.eval.dataset, config.eval.split, image_size=image_size,
+                         limit=limit, data_dir=config.data.data_dir or None, **options)
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -89,9 +93,7 @@ def evaluate(
         barrier = multihost_utils.sync_global_devices
     summary = {}
     for task in tasks:
-        examples = eval_examples(task, e.dataset, e.split, image_size=pipe.image_size,
-                                 limit=e.limit or None, data_dir=config.data.data_dir or None,
-                                 **eval_options(config))
+        examples = split_examples(config, task, pipe.image_size, e.limit or None)
         ev = get_evaluator(task, examples, batch_size=e.batch_size, shard_size=e.shard_size,
                            steps=e.steps, seed=e.seed, guidance_scale=e.guidance_scale)
         summary[task] = ev.run(pipe, out_dir, process_index=jax.process_index(),

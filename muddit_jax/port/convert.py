@@ -77,14 +77,19 @@ def save_component(name: str, config: Any, params: dict[str, Any], folder: Path)
         ckptr.wait_until_finished()
 
 
+def load_component_config(folder: str | os.PathLike) -> tuple[str, Any]:
+    """The ``(name, config)`` of a component written by :func:`save_component`."""
+    hf = io.load_config(Path(folder))
+    name = hf.pop("_muddit_component", None) or detect_component(hf)
+    return name, _config_class(name).from_hf_config(hf)
+
+
 def load_component(folder: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]:
     """Read a component written by :func:`save_component` -> ``(name, config, params)``."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder)
-    hf = io.load_config(folder)
-    name = hf.pop("_muddit_component", None) or detect_component(hf)
-    config = _config_class(name).from_hf_config(hf)
+    name, config = load_component_config(folder)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore((folder / "params").absolute())
     return name, config, params
@@ -181,7 +186,7 @@ def converted_pipeline(dst: str | os.PathLike, seed: int = 0, *, params: bool = 
     if (dst / "tokenizer").is_dir():
         tok = load_tokenizer(dst / "tokenizer", add_mask_token=True)
     if not params:
-        cfgs = {n: _config_class(n).from_hf_config(_strip(_read_json(dst / n / "config.json")))
+        cfgs = {n: load_component_config(dst / n)[1]
                 for n in ("transformer", "vqvae", "text_encoder")}
         text = cfgs["text_encoder"]
         if tok is not None:
@@ -197,7 +202,3 @@ def converted_pipeline(dst: str | os.PathLike, seed: int = 0, *, params: bool = 
     config = MudditConfig(text_cfg, parts["vqvae"][0], parts["transformer"][0])
     return config, tok, {"text_encoder": text_params, "mmdit": parts["transformer"][1],
                          "vq": parts["vqvae"][1]}
-
-
-def _strip(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not k.startswith("_")}

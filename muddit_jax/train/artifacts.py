@@ -31,7 +31,8 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write ``image`` as PNG atomically; returns the path."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return write_bytes_atomic(buf.getvalue(), Path(path))
+    write_bytes_atomic(buf.getvalue(), path)
+    return Path(path)
 
 
 def _font() -> ImageFont.ImageFont:
@@ -159,27 +160,21 @@ def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str
     return {"t2i": t2i, "understanding": und}
 
 
-def run_artifacts(config: Any, params: Mapping[str, Any], workdir: str | Path, step: int
-                  ) -> dict[str, Path]:
-    """The trainer's artifacts at ``step``: held-out T2I samples and captions / VQA answers
-    (``samples/<step>/``, process 0), and ``loss.png`` from ``metrics.jsonl``."""
+def run_artifacts(config: Any, pipe: Any, workdir: str | Path, step: int) -> dict[str, Path]:
+    """The trainer's artifacts at ``step`` from ``pipe`` (the run's current params): held-out
+    T2I samples and captions / VQA answers (``samples/<step>/``, process 0), and ``loss.png``
+    from ``metrics.jsonl``."""
     import jax
 
-    from muddit_jax.eval.datasets import eval_examples
-    from muddit_jax.eval.job import build_pipeline, eval_options
+    from muddit_jax.eval.job import split_examples
     from muddit_jax.train.metrics import read_jsonl
 
     workdir, a = Path(workdir), config.artifacts
     if jax.process_index() != 0:
         return {}
-    pipe = build_pipeline(config, params)
-    kw = dict(image_size=pipe.image_size, data_dir=config.data.data_dir or None,
-              **eval_options(config))
-    captions = eval_examples("caption", config.eval.dataset, config.eval.split,
-                             limit=a.num_prompts, **kw)
+    captions = split_examples(config, "caption", pipe.image_size, a.num_prompts)
     vqa, seen = [], set()
-    for e in eval_examples("vqa", config.eval.dataset, config.eval.split,
-                           limit=a.num_images, **kw):
+    for e in split_examples(config, "vqa", pipe.image_size, a.num_images):
         image_id = e["id"].rsplit("/", 1)[0]
         if image_id not in seen:
             seen.add(image_id)

@@ -88,6 +88,15 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return Restored(step, out.state, _own_iterator_state(out.data_iter or {}), out.config)
 
+    def saved_config(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
+        """``(step, config)`` saved with ``step`` (default: latest), without reading the state;
+        ``None`` if there is no checkpoint."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return step, dict(out.config or {})
+
     def wait(self) -> None:
         """Block until pending async saves are complete."""
         self.manager.wait_until_finished()

@@ -96,15 +96,29 @@ def _log(config, writer, throughput, step, metrics, total) -> None:
 DataArg = Iterator[Mapping[str, np.ndarray]] | Callable[[slice], Iterator[Mapping[str, np.ndarray]]]
 
 
-def periodic_eval(config: ml_collections.ConfigDict, state: TrainState, workdir: Path, step: int,
-                  writer: MetricWriter) -> None:
-    """The ``muddit-eval`` job on the current params (``eval.tasks`` on ``eval.limit`` examples),
-    into ``WORKDIR/eval/<step>/``; metrics are logged as ``eval/<task>/<metric>``."""
-    from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, parse_tasks
+def _due(section: ml_collections.ConfigDict, step: int, total: int) -> bool:
+    """Whether ``eval`` / ``artifacts`` run at ``step``: every ``every`` steps, and at the end
+    with ``at_end``."""
+    return bool((section.every and step % section.every == 0) or (step == total and section.at_end))
 
-    pipe = build_pipeline(config, state.all_params(ema=bool(config.eval.ema)))
-    summary = evaluate(config, pipe, eval_dir(workdir, step, config.eval.split), parse_tasks(config.eval.tasks))
-    writer.write(step, {f"eval/{t}/{k}": v for t, ms in summary.items() for k, v in ms.items()})
+
+def evaluate_and_draw(config: ml_collections.ConfigDict, state: TrainState, workdir: Path,
+                      step: int, writer: MetricWriter, *, evaluate: bool, draw: bool) -> None:
+    """On the current params (EMA with ``eval.ema``), one pipeline for both: with ``evaluate``
+    the ``muddit-eval`` job (``eval.tasks`` on ``eval.limit`` examples, into
+    ``WORKDIR/eval/<step>/``, metrics logged as ``eval/<task>/<metric>``); with ``draw`` the PNG
+    artifacts (:func:`muddit_jax.train.artifacts.run_artifacts`)."""
+    from muddit_jax.eval import job
+
+    pipe = job.build_pipeline(config, state.all_params(ema=bool(config.eval.ema)))
+    if evaluate:
+        summary = job.evaluate(config, pipe, job.eval_dir(workdir, step, config.eval.split),
+                               job.parse_tasks(config.eval.tasks))
+        writer.write(step, {f"eval/{t}/{k}": v for t, ms in summary.items()
+                            for k, v in ms.items()})
+    if draw:
+        writer.flush()
+        run_artifacts(config, pipe, workdir, step)
 
 
 def train(
@@ -193,15 +207,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
                 if not bad and last["nonfinite_streak"] == 0:
                     ckpt.save(step, state, data.get_state(), config)
             if not bad:
-                end = step == total
-                if (config.eval.every and step % config.eval.every == 0) or (
-                        end and config.eval.at_end):
-                    periodic_eval(config, state, workdir, step, writer)
-                if (config.artifacts.every and step % config.artifacts.every == 0) or (
-                        end and config.artifacts.at_end):
-                    writer.flush()
-                    run_artifacts(config, state.all_params(ema=bool(config.eval.ema)), workdir,
-                                  step)
+                evaluate = _due(config.eval, step, total)
+                draw = _due(config.artifacts, step, total)
+                if evaluate or draw:
+                    evaluate_and_draw(config, state, workdir, step, writer, evaluate=evaluate,
+                                      draw=draw)
             if bad:
                 break
         if pending is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from muddit_jax.files import write_json_atomic
 from muddit_jax.parallel import distributed
+from muddit_jax.parallel.sharding import global_batch
 from muddit_jax.train import artifacts
 from muddit_jax.train import config as C
 from muddit_jax.train.checkpoint import Checkpointer
@@ -89,12 +90,9 @@ def _image_iterator(config: ml_collections.ConfigDict, resolution: int, rows: sl
 
 def eval_images(config: ml_collections.ConfigDict, resolution: int, limit: int) -> np.ndarray:
     """The first ``limit`` images of the evaluation split, float ``[N, R, R, 3]`` in [0, 1]."""
-    from muddit_jax.eval.datasets import eval_examples
-    from muddit_jax.eval.job import eval_options
+    from muddit_jax.eval.job import split_examples
 
-    ex = eval_examples("caption", config.eval.dataset, config.eval.split, image_size=resolution,
-                       limit=limit, data_dir=config.data.data_dir or None,
-                       **eval_options(config))
+    ex = split_examples(config, "caption", resolution, limit)
     return np.stack([e["image"] for e in ex]).astype(np.float32) / 255.0
 
 
@@ -120,11 +118,10 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     rate = Throughput(total_steps=total, tokens_per_step=v.global_batch, flops_per_step=0.0,
                       peak_flops_total=None)
     if jax.process_index() == 0:
-        print(f"muddit-train: stage vq | {resolution}px -> {resolution // model_cfg.downsample_factor}"
-              f"^2 codes of {model_cfg.num_vq_embeddings} | codebook={v.codebook} | "
+        grid = resolution // model_cfg.downsample_factor
+        print(f"muddit-train: stage vq | {resolution}px -> {grid}^2 codes of "
+              f"{model_cfg.num_vq_embeddings} | codebook={v.codebook} | "
               f"{'resumed at' if restored else 'starting at'} step {step}", flush=True)
-    from muddit_jax.parallel.sharding import global_batch
-
     try:
         while step < total:
             batch = next(data)
@@ -191,20 +188,18 @@ def saved_config(workdir: str | Path, step: int | None = None
     """``(config, step)`` of the latest (or ``step``) stage-2 checkpoint of ``workdir``, with
     the tokenizer re-pointed to ``WORKDIR/tokenizer.model`` when the run trained one (so a moved
     workdir still loads)."""
-    import json
-
-    from muddit_jax.train.checkpoint import Checkpointer
-
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir / "checkpoints")
-    step = ckpt.latest_step() if step is None else step
-    ckpt.close()
-    if step is None:
+    try:
+        saved = ckpt.saved_config(step)
+    finally:
+        ckpt.close()
+    if saved is None:
         raise ValueError(f"no checkpoint in {workdir / 'checkpoints'}; train first (muddit-train)")
-    meta = workdir / "checkpoints" / str(step) / "config" / "metadata"
-    if not meta.is_file():
-        raise ValueError(f"checkpoint step {step} in {workdir} has no saved config ({meta})")
-    config = ml_collections.ConfigDict(json.loads(meta.read_text()))
+    step, values = saved
+    if not values:
+        raise ValueError(f"checkpoint step {step} in {workdir} has no saved config")
+    config = ml_collections.ConfigDict(values)
     if (workdir / TOKENIZER_FILE).is_file():
         config.data.tokenizer = str(workdir / TOKENIZER_FILE)
     return config, step

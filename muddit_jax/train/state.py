@@ -163,6 +163,23 @@ def _put_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
     return jax.tree.map(put, tree, like, shardings)
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings of ``tx``'s state: moments like their params, other leaves replicated."""
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """``abstract`` with each leaf's ``sharding`` set: the restore target on this mesh."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 def setup_state(
     nets: Networks, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, *,
     trainable: tuple[str, ...], ema: bool, grid: int, text_length: int,
@@ -180,19 +197,13 @@ def setup_state(
 
     abstract = jax.eval_shape(build, abstract_params, rng)
     train_sh, frozen_sh = split_params(param_sh, trainable)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract.opt_state, train_sh,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    opt_sh = optimizer_shardings(tx, abstract.opt_state, train_sh, mesh)
     shardings = TrainState(
         step=replicated, params=train_sh, frozen=frozen_sh, opt_state=opt_sh,
         ema_params=train_sh if ema else None, rng=replicated,
         nonfinite_streak=replicated, nonfinite_total=replicated,
     )
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    abstract = with_shardings(abstract, shardings)
     init_params = jax.jit(
         lambda k: nn.unbox(nets.init(k, grid, text_length)), out_shardings=param_sh
     )

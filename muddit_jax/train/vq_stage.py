@@ -44,6 +44,7 @@ from muddit_jax.parallel.sharding import (
     sharding_context,
 )
 from muddit_jax.train.optimizer import make_optimizer
+from muddit_jax.train.state import optimizer_shardings, with_shardings
 
 CODEBOOKS = ("ema", "learned")
 SMOOTHING = 1e-5  # Laplace smoothing of the EMA counts
@@ -75,12 +76,6 @@ def validate(v: ml_collections.ConfigDict) -> None:
         problems.append("vq.global_batch must be >= 1 and vq.steps >= 0")
     if problems:
         raise ValueError("invalid VQ stage config: " + "; ".join(problems))
-
-
-def make_tx(v: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    """AdamW from the ``vq`` section (with an EMA codebook, the step zeroes the codebook's
-    gradient and overwrites the row, so AdamW leaves it alone)."""
-    return make_optimizer(v, int(v.steps))
 
 
 def code_stats(codes: jax.Array, latents: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -187,7 +182,8 @@ def build(config: ml_collections.ConfigDict, vq_config: VQConfig, resolution: in
     mesh = create_mesh(MeshConfig.from_config(config.mesh))
     rules = get_rules(config.mesh.rules)
     model = VQModel(vq_config)
-    tx, schedule = make_tx(v)
+    # with an EMA codebook the step zeroes the codebook's gradient, so AdamW leaves it alone
+    tx, schedule = make_optimizer(v, int(v.steps))
     n, d = vq_config.num_vq_embeddings, vq_config.embed_dim
     f = vq_config.downsample_factor
 
@@ -206,13 +202,10 @@ def build(config: ml_collections.ConfigDict, vq_config: VQConfig, resolution: in
         boxed = jax.eval_shape(boxed_params, jax.random.PRNGKey(0))
     param_sh = logical_shardings(boxed, mesh, rules)
     abstract = jax.eval_shape(new_state, nn.unbox(boxed), jax.random.PRNGKey(0))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract.opt_state, param_sh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_sh = optimizer_shardings(tx, abstract.opt_state, param_sh, mesh)
     shardings = VQTrainState(step=rep, params=param_sh, opt_state=opt_sh, cluster_size=rep,
                              embed_sum=rep, idle=rep, rng=rep)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+    abstract = with_shardings(abstract, shardings)
     batch_abs = {"images": jax.ShapeDtypeStruct((v.global_batch, resolution, resolution, 3),
                                                 jnp.float32)}
     batch_sh = batch_shardings(mesh, rules, batch_abs)
