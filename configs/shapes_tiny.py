@@ -3,12 +3,16 @@
     muddit-train --config configs/shapes_tiny.py --workdir runs/shapes
 
 Stages (``muddit_jax/train/stages.py``): a SentencePiece tokenizer trained on the captions and
-questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 8 x 8 codes of 256, 16-32-64 channels, EMA
-codebook with dead-code restart), then the MM-DiT and the text encoder from scratch with the
-ELBO on a mixture of T2I, captioning and VQA rows. At the end: the evaluation job (caption, VQA, compositional T2I on
-``eval.split``) and the PNG artifacts. ``arg`` (comma separated): ``smoke`` shrinks every stage to
+questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes of 256, 32-64
+channels, EMA codebook with dead-code restart), then the MM-DiT (Meissonic's 2x down/up-sampling:
+its blocks run on 8 x 8) and the text encoder from scratch with the ELBO on a mixture of T2I,
+captioning and VQA rows. Backgrounds are plain: the noise/gradient textures put unpredictable
+codes in every image, which the generator then spends its few CPU steps on. At the end: the
+evaluation job (caption, VQA, compositional T2I on ``eval.split``) and the PNG artifacts. ``arg`` (comma separated): ``smoke`` shrinks every stage to
 a few steps (tests, CI).
 """
+
+import ml_collections
 
 from muddit_jax.train.config import base_config
 
@@ -17,26 +21,29 @@ def get_config(arg: str | None = None):
     flags = set((arg or "").split(","))
     c = base_config()
     c.data.update(kind="mixture", dataset="shapes", split="train", task="caption",
-                  tokenizer="auto", global_batch=32, grid=8, text_length=32, images=True,
+                  tokenizer="auto", global_batch=32, grid=16, text_length=32, images=True,
                   text_maskable=True)
-    shapes = dict(resolution=32, max_objects=3)
+    shapes = dict(resolution=32, max_objects=3, textures=("plain",))
     if "smoke" in flags:
         shapes.update(num_train=256, num_validation=32, num_test=32)
-    c.data.options = shapes  # the tokenizer, evaluation and artifacts read shapes with these
+    # one ConfigDict shared by every reader (tokenizer, both mixture sources, evaluation,
+    # artifacts), so --config.data.options.<field>=... changes them all
+    shapes = ml_collections.ConfigDict(shapes)
+    c.data.options = shapes
     # per batch: 16 T2I rows + 8 captioning rows (captions), 8 VQA rows (question kept visible)
     c.data.mixture = dict(
         captions=dict(weight=0.75, dataset="shapes", task="caption", options=shapes),
         vqa=dict(weight=0.25, dataset="shapes", task="vqa", options=shapes),
     )
     c.model.update(preset="tiny", text_vocab_size=256, codebook_size=256, width=128,
-                   dual_layers=2, single_layers=4, text_layers=2,
-                   vq_channels=(16, 32, 64), vq_layers_per_block=1, vq_latent_channels=16,
+                   dual_layers=2, single_layers=4, text_layers=2, downsample=True,
+                   vq_channels=(32, 64), vq_layers_per_block=1, vq_latent_channels=16,
                    vq_norm_groups=8)
-    c.vq.update(steps=2000, global_batch=32, lr=3e-3, warmup_steps=100, codebook="ema",
+    c.vq.update(steps=1000, global_batch=32, lr=3e-3, warmup_steps=100, codebook="ema",
                 restart_every=25, dead_after=50, checkpoint_every=500, log_every=50,
                 eval_images=512)
     c.loss.update(cond_dropout=0.1, min_mask_rate=0.0, t2i_fraction=0.5, text_pad_is_target=True)
-    c.optim.update(lr=1e-3, schedule="cosine", warmup_steps=200, end_lr_ratio=0.05,
+    c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=200, end_lr_ratio=0.05,
                    weight_decay=0.01, clip_norm=1.0, b2=0.99)
     c.train.update(steps=2500, trainable="mmdit,text_encoder", vq_from="auto", ema_decay=0.0)
     c.checkpoint.update(every=500, keep=2)
@@ -47,7 +54,7 @@ def get_config(arg: str | None = None):
                        guidance_scale=4.0)
     if "smoke" in flags:
         c.model.update(width=32, dual_layers=1, single_layers=1, text_layers=1,
-                       vq_channels=(8, 8, 8), vq_latent_channels=4, vq_norm_groups=4)
+                       vq_channels=(8, 8), vq_latent_channels=4, vq_norm_groups=4)
         c.vq.update(steps=6, global_batch=8, checkpoint_every=3, log_every=2, eval_images=16,
                     warmup_steps=2)
         c.data.global_batch = 8

@@ -49,6 +49,8 @@ def test_bad_config_argument_names_the_choices(name: str, arg: str) -> None:
     ("--config.vq.codebook=kmeans", "vq.codebook"),
     ("--config.train.trainable=vq", "train.trainable"),
     ("--config.model.preset=huge", "model.preset"),
+    ("--config.data.grid=15", "data.grid"),  # the default MM-DiT down-samples 2x
+    ("--config.data.options.textures=('stripes',)", "textures"),
 ])
 def test_invalid_override_fails_before_any_work(tmp_path, capsys, override, message) -> None:
     code = train_cli.main([f"--config={CONFIGS}/shapes_tiny.py:smoke",
@@ -71,3 +73,17 @@ def test_pod_config_traces_a_train_step(name: str) -> None:
     if name == "meissonic_1024":  # T2I only: no text head, 64 x 64 codes
         assert run.model.mmdit.tokenizer_vocab_size is None
         assert run.batch_abstract["image_ids"].shape == (2, 64, 64)
+
+
+def test_a_saved_config_from_before_a_field_existed_loads_with_its_default() -> None:
+    from muddit_jax.train.config import base_config
+    from muddit_jax.train.stages import _overlay
+
+    saved = base_config().to_dict()
+    del saved["model"]["downsample"]  # an older run's checkpoint
+    saved["model"].update(width=7, vq_channels=[16, 32])  # JSON gives lists
+    saved["data"]["options"] = {"resolution": 32, "textures": ["plain"]}
+    c = _overlay(base_config(), saved)
+    assert c.model.width == 7 and tuple(c.model.vq_channels) == (16, 32)
+    assert c.model.downsample is False
+    assert c.data.options.resolution == 32 and list(c.data.options.textures) == ["plain"]

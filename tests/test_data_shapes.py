@@ -184,3 +184,23 @@ def test_bad_resolution_fails_fast(tmp_path, resolution):
 def test_bad_pipeline_resolution_names_the_field():
     with pytest.raises(ValueError, match="resolution=30"):
         DataConfig(resolution=30)
+
+
+def test_textures_option_keeps_the_objects_and_flattens_the_background():
+    full = shapes.ShapesConfig(resolution=32)
+    plain = shapes.ShapesConfig(resolution=32, textures=["plain"])  # a list (from JSON) is fine
+    assert plain.textures == ("plain",) and plain.name == full.name + "_plain"
+    for i in range(20):
+        a, b = shapes.generate(full, "train", i), shapes.generate(plain, "train", i)
+        assert b.scene.texture == "plain" and a.scene.objects == b.scene.objects
+        background = ~np.any([shapes.object_mask(o, 32) for o in b.scene.objects], axis=0)
+        assert np.all(b.image[background] == shapes.BACKGROUNDS[b.scene.background])
+    textures = {shapes.generate(full, "train", i).scene.texture for i in range(30)}
+    assert textures == set(shapes.TEXTURES)  # the default draws all three
+
+
+def test_bad_textures_name_the_field():
+    with pytest.raises(ValueError, match="textures"):
+        shapes.ShapesConfig(textures=("stripes",))
+    with pytest.raises(ValueError, match="textures"):
+        shapes.ShapesConfig(textures=())

@@ -73,8 +73,13 @@ class ShapesConfig:
     num_validation: int = 1000
     num_test: int = 1000
     max_objects: int = 4
+    textures: tuple[str, ...] = TEXTURES  # background textures drawn from (``plain`` = flat)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "textures", tuple(self.textures))
+        if not self.textures or any(t not in TEXTURES for t in self.textures):
+            raise ValueError(f"shapes: textures={self.textures!r} must be a non-empty subset of "
+                             f"{TEXTURES}")
         if not MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION:
             raise ValueError(
                 f"shapes: resolution={self.resolution} is outside "
@@ -88,8 +93,9 @@ class ShapesConfig:
 
     @property
     def name(self) -> str:
-        return (f"{self.resolution}px_seed{self.seed}_{self.num_train}-{self.num_validation}-"
+        name = (f"{self.resolution}px_seed{self.seed}_{self.num_train}-{self.num_validation}-"
                 f"{self.num_test}_max{self.max_objects}")
+        return name if self.textures == TEXTURES else name + "_" + "-".join(self.textures)
 
     def num_examples(self, split: str) -> int:
         return {"train": self.num_train, "validation": self.num_validation,
@@ -201,8 +207,10 @@ def sample_scene(config: ShapesConfig, split: str, rng: np.random.Generator) -> 
             box = _place(rng, side(size, res), [o.bbox for o in objects], res)
         if box is not None:
             objects.append(ShapeObject(shape, color, size, box))
-    return Scene(res, tuple(objects), _pick(rng, tuple(BACKGROUNDS)), _pick(rng, TEXTURES),
-                 int(rng.integers(2**31)))
+    background, texture = _pick(rng, tuple(BACKGROUNDS)), _pick(rng, TEXTURES)
+    if texture not in config.textures:  # objects come first: a subset keeps every scene's objects
+        texture = config.textures[int(rng.integers(len(config.textures)))]
+    return Scene(res, tuple(objects), background, texture, int(rng.integers(2**31)))
 
 
 def object_mask(obj: ShapeObject, resolution: int) -> np.ndarray:

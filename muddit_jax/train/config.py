@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: vocabularies, width and depths (MM-DiT dual / single blocks, text layers)
         text_vocab_size=64, codebook_size=16, width=32, dual_layers=2, single_layers=2,
         text_layers=2,
+        # tiny only: Meissonic's 2x down/up-sampling around the blocks (UViT embed at the code
+        # grid, transformer on a grid half as wide, the MLM head back at the code grid)
+        downsample=False,
         # tiny only: the VQ tokenizer (channels per level: downsample 2^(levels-1))
         vq_channels=(32, 32, 64), vq_layers_per_block=1, vq_latent_channels=8,
         vq_norm_groups=8,
@@ -137,6 +140,14 @@ def _pretrained(folder: str) -> MudditConfig:
 
 def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     """The :class:`MudditConfig` for ``c.model`` (``c`` is the whole config)."""
+    cfg = _model_config(c)
+    if cfg.mmdit.downsample and int(c.data.grid) % 2:
+        raise ValueError(f"data.grid={c.data.grid} must be even: the MM-DiT down-samples the code "
+                         "grid 2x (model.downsample / the preset); change data.grid")
+    return cfg
+
+
+def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     m = c.model
     if m.preset == "tiny":
         cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
@@ -152,7 +163,8 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
             text=dataclasses.replace(cfg.text, num_hidden_layers=m.text_layers,
                                      max_position_embeddings=positions),
             mmdit=dataclasses.replace(
-                cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers
+                cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers,
+                downsample=bool(m.downsample), upsample=bool(m.downsample),
             ),
         )
     if m.preset == "muddit_512":

@@ -183,11 +183,22 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str | Path, stage: st
     return train(config, workdir)
 
 
+def _overlay(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """``config`` with ``values`` (a nested dict) written over it, section by section."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+            _overlay(config[key], value)
+        else:
+            config[key] = value
+    return config
+
+
 def saved_config(workdir: str | Path, step: int | None = None
                  ) -> tuple[ml_collections.ConfigDict, int]:
     """``(config, step)`` of the latest (or ``step``) stage-2 checkpoint of ``workdir``, with
     the tokenizer re-pointed to ``WORKDIR/tokenizer.model`` when the run trained one (so a moved
-    workdir still loads)."""
+    workdir still loads). The saved values are laid over today's defaults, so a run saved before
+    a field existed loads with that field's default."""
     workdir = Path(workdir)
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
@@ -199,7 +210,7 @@ def saved_config(workdir: str | Path, step: int | None = None
     step, values = saved
     if not values:
         raise ValueError(f"checkpoint step {step} in {workdir} has no saved config")
-    config = ml_collections.ConfigDict(values)
+    config = _overlay(C.base_config(), values)
     if (workdir / TOKENIZER_FILE).is_file():
         config.data.tokenizer = str(workdir / TOKENIZER_FILE)
     return config, step
