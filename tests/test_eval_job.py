@@ -92,3 +92,30 @@ def test_vqa_scoring_and_bad_config(pipe, tmp_path):
     with pytest.raises(ValueError, match="not unique"):
         get_evaluator("vqa", examples + examples[:1])
     assert example_seeds(["a", "b"], 0) == example_seeds(["a", "b"], 0) != example_seeds(["a", "b"], 1)
+
+
+def test_rerun_with_other_settings_recomputes_instead_of_reusing(pipe, tmp_path, monkeypatch):
+    """Shards remember what they were predicted under: other steps, seed, options or examples
+    never reuse stale predictions (same settings do, see the resume test)."""
+    examples = caption_examples(4)
+    get_evaluator("caption", examples, batch_size=2, shard_size=4, steps=2).run(pipe, tmp_path)
+    calls = []
+    real = Evaluator._predict_shard
+    monkeypatch.setattr(
+        Evaluator, "_predict_shard", lambda self, p, shard: calls.append(len(shard)) or real(self, p, shard)
+    )
+    for changed in (dict(steps=3), dict(steps=2, seed=1), dict(steps=2, guidance_scale=2.0)):
+        ev = get_evaluator("caption", examples, batch_size=2, shard_size=4, **changed)
+        ev.run(pipe, tmp_path)
+        saved = json.loads((tmp_path / "shards" / "caption-00000.json").read_text())
+        assert saved["settings"] == ev.settings(examples)
+    get_evaluator("caption", examples[:2], batch_size=2, shard_size=4, steps=2).run(pipe, tmp_path)
+    assert calls == [4, 4, 4, 2]
+    ev = get_evaluator("caption", examples[:2], batch_size=2, shard_size=4, steps=2)
+    ev.run(pipe, tmp_path)  # unchanged: reused
+    assert calls == [4, 4, 4, 2]
+    two = tmp_path / "two"
+    get_evaluator("caption", examples, batch_size=2, shard_size=2, steps=2).run(pipe, two)
+    with pytest.raises(RuntimeError, match="other evaluation settings"):  # shard 1: process 1's
+        get_evaluator("caption", examples, batch_size=2, shard_size=2, steps=5).run(
+            pipe, two, process_index=0, process_count=2)

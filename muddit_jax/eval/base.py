@@ -7,7 +7,8 @@ with a :class:`~muddit_jax.pipeline.MudditPipeline`, ``score`` turns all predict
 * the examples are cut into fixed shards; process ``i`` of ``n`` takes shards ``i, i+n, ...``;
 * each example samples with its own seed (``crc32(seed, id)``), and batches are padded to a fixed
   size, so predictions do not depend on the device count, batch composition or host;
-* each finished shard is written atomically to ``DIR/shards/<task>-<k>.json`` and skipped on a
+* each finished shard is written atomically to ``DIR/shards/<task>-<k>.json`` (with the
+  settings it was predicted under: a rerun with other settings recomputes it) and skipped on a
   rerun (resume after preemption without recomputation);
 * process 0 gathers every shard, scores once and writes ``DIR/<task>.json`` (per-example
   predictions) and returns the metrics.
@@ -115,26 +116,49 @@ class Evaluator:
         """Predict this process's shards (skipping finished ones), then on process 0 gather,
         score and write ``<task>.json``; returns the metrics on process 0 (``{}`` elsewhere)."""
         out_dir = Path(out_dir)
-        for k, shard in enumerate(self.shards()):
+        shards = self.shards()
+        for k, shard in enumerate(shards):
             if k % process_count != process_index:
                 continue
             path = out_dir / "shards" / f"{self.task}-{k:05d}.json"
-            if path.is_file():
+            if self._finished(path, shard) is not None:
                 continue
-            write_json_atomic(self._predict_shard(pipe, shard), path)
+            write_json_atomic({"settings": self.settings(shard),
+                               "predictions": self._predict_shard(pipe, shard)}, path)
         if barrier is not None:
             barrier(f"eval-{self.task}")
         if process_index != 0:
             return {}
         predictions: dict[str, Any] = {}
-        for k in range(len(self.shards())):
+        for k, shard in enumerate(shards):
             path = out_dir / "shards" / f"{self.task}-{k:05d}.json"
             if not path.is_file():
                 raise RuntimeError(f"shard {path} is missing after all processes finished")
-            predictions.update(json.loads(path.read_text()))
+            done = self._finished(path, shard)
+            if done is None:
+                raise RuntimeError(f"shard {path} was written with other evaluation settings than "
+                                   "this process's; run every process with the same config")
+            predictions.update(done)
         metrics = self.score(predictions, self.examples)
         write_json_atomic({"predictions": predictions, "metrics": metrics}, out_dir / f"{self.task}.json")
         return metrics
+
+    def settings(self, shard: Sequence[Example]) -> dict[str, Any]:
+        """What a shard's predictions depend on (not the batch size: per-example seeds and
+        padding make predictions batch-independent); stored with the shard and compared on
+        resume, so a rerun with other steps / seed / options / examples recomputes it."""
+        settings = dict(task=self.task, steps=self.steps, seed=self.seed, options=self.options,
+                        ids=[str(e["id"]) for e in shard])
+        return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+    def _finished(self, path: Path, shard: Sequence[Example]) -> dict[str, Any] | None:
+        """The shard's predictions if ``path`` holds them for this shard and these settings."""
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        if saved.get("settings") != self.settings(shard):
+            return None
+        return saved["predictions"]
 
     def _predict_shard(self, pipe: Any, shard: Sequence[Example]) -> dict[str, Any]:
         out: dict[str, Any] = {}
