@@ -8,8 +8,8 @@ channels, EMA codebook with dead-code restart), then the MM-DiT (Meissonic's 2x 
 its blocks run on 8 x 8) and the text encoder from scratch with the ELBO on a mixture of T2I,
 captioning and VQA rows. Backgrounds are plain: the noise/gradient textures put unpredictable
 codes in every image, which the generator then spends its few CPU steps on. At the end: the
-evaluation job (caption, VQA, compositional T2I on ``eval.split``) and the PNG artifacts. ``arg`` (comma separated): ``smoke`` shrinks every stage to
-a few steps (tests, CI).
+evaluation job (caption, VQA, compositional T2I on ``eval.split``) and the PNG artifacts.
+``arg`` (comma separated): ``smoke`` shrinks every stage to a few steps (tests, CI).
 """
 
 import ml_collections

@@ -77,13 +77,13 @@ def test_pod_config_traces_a_train_step(name: str) -> None:
 
 def test_a_saved_config_from_before_a_field_existed_loads_with_its_default() -> None:
     from muddit_jax.train.config import base_config
-    from muddit_jax.train.stages import _overlay
+    from muddit_jax.train.stages import with_defaults
 
     saved = base_config().to_dict()
     del saved["model"]["downsample"]  # an older run's checkpoint
     saved["model"].update(width=7, vq_channels=[16, 32])  # JSON gives lists
     saved["data"]["options"] = {"resolution": 32, "textures": ["plain"]}
-    c = _overlay(base_config(), saved)
+    c = with_defaults(saved)
     assert c.model.width == 7 and tuple(c.model.vq_channels) == (16, 32)
     assert c.model.downsample is False
     assert c.data.options.resolution == 32 and list(c.data.options.textures) == ["plain"]

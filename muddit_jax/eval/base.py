@@ -117,14 +117,15 @@ class Evaluator:
         score and write ``<task>.json``; returns the metrics on process 0 (``{}`` elsewhere)."""
         out_dir = Path(out_dir)
         shards = self.shards()
+        own: dict[int, dict[str, Any]] = {}  # this process's shards, kept for the gather
         for k, shard in enumerate(shards):
             if k % process_count != process_index:
                 continue
             path = out_dir / "shards" / f"{self.task}-{k:05d}.json"
-            if self._finished(path, shard) is not None:
-                continue
-            write_json_atomic({"settings": self.settings(shard),
-                               "predictions": self._predict_shard(pipe, shard)}, path)
+            own[k] = self._finished(path, shard)
+            if own[k] is None:
+                own[k] = self._predict_shard(pipe, shard)
+                write_json_atomic({"settings": self.settings(shard), "predictions": own[k]}, path)
         if barrier is not None:
             barrier(f"eval-{self.task}")
         if process_index != 0:
@@ -132,9 +133,9 @@ class Evaluator:
         predictions: dict[str, Any] = {}
         for k, shard in enumerate(shards):
             path = out_dir / "shards" / f"{self.task}-{k:05d}.json"
-            if not path.is_file():
+            if k not in own and not path.is_file():
                 raise RuntimeError(f"shard {path} is missing after all processes finished")
-            done = self._finished(path, shard)
+            done = own[k] if k in own else self._finished(path, shard)
             if done is None:
                 raise RuntimeError(f"shard {path} was written with other evaluation settings than "
                                    "this process's; run every process with the same config")

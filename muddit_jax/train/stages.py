@@ -183,13 +183,12 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str | Path, stage: st
     return train(config, workdir)
 
 
-def _overlay(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-    """``config`` with ``values`` (a nested dict) written over it, section by section."""
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-            _overlay(config[key], value)
-        else:
-            config[key] = value
+def with_defaults(values: dict) -> ml_collections.ConfigDict:
+    """Today's :func:`~muddit_jax.train.config.base_config` with the saved ``values`` (a nested
+    dict) written over it; ``ConfigDict.update`` merges section by section, so a field missing
+    from ``values`` keeps its default."""
+    config = C.base_config()
+    config.update(values)
     return config
 
 
@@ -210,7 +209,7 @@ def saved_config(workdir: str | Path, step: int | None = None
     step, values = saved
     if not values:
         raise ValueError(f"checkpoint step {step} in {workdir} has no saved config")
-    config = _overlay(C.base_config(), values)
+    config = with_defaults(values)
     if (workdir / TOKENIZER_FILE).is_file():
         config.data.tokenizer = str(workdir / TOKENIZER_FILE)
     return config, step
