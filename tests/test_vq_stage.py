@@ -140,3 +140,40 @@ def test_evaluate_reports_psnr_usage_and_perplexity() -> None:
 def test_bad_vq_config_names_the_field() -> None:
     with pytest.raises(ValueError, match="vq.codebook"):
         vq_stage.validate(_config(codebook="kmeans").vq)
+    with pytest.raises(ValueError, match="vq.restart_from='worst'"):
+        vq_stage.validate(_config(restart_from="worst").vq)
+
+
+def test_restart_draw_is_uniform_or_proportional_to_quantization_error() -> None:
+    # 4 latents: two exactly on their code, two off by squared distance 1 and 3
+    latents = jnp.array([[0.0, 0.0], [1.0, 1.0], [2.0, 1.0], [3.0, 3.0 + 3**0.5]])
+    assigned = jnp.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [3.0, 3.0]])
+    key = jax.random.key(0)
+    by_error = np.asarray(vq_stage.restart_draw(key, latents, assigned, 20000, True))
+    freq = np.bincount(by_error, minlength=4) / by_error.size
+    np.testing.assert_allclose(freq, [0.0, 0.0, 0.25, 0.75], atol=0.015)
+    uniform = np.asarray(vq_stage.restart_draw(key, latents, assigned, 20000, False))
+    np.testing.assert_allclose(np.bincount(uniform, minlength=4) / 20000, [0.25] * 4, atol=0.015)
+
+
+def test_error_restart_reseeds_dead_codes_on_the_worst_represented_latents() -> None:
+    mean_err = {}
+    for mode in ("random", "error"):
+        run = vq_stage.build(_config(restart_every=1, dead_after=1, restart_from=mode), _vq(),
+                             resolution=8)
+        state, _ = run.step(run.init(0), {"images": _images(1)})  # step 0: every code seeded
+        x = jnp.concatenate([jnp.full((3, 8, 8, 3), 0.5), _images(3, n=1)])  # mostly flat
+        z = _latents(run, state, x)
+        book = np.asarray(state.params["vq"]["codebook"]["embedding"])
+        dist = ((z[:, None] - book[None]) ** 2).sum(-1)
+        err, used = dist.min(1), np.unique(dist.argmin(1))
+        dead = np.setdiff1d(np.arange(N_CODES), used)
+        state = state.replace(idle=jnp.full((N_CODES,), 5, jnp.int32))
+        state, m = run.step(state, {"images": x})
+        new = np.asarray(state.params["vq"]["codebook"]["embedding"])[dead]
+        src = ((new[:, None] - z[None]) ** 2).sum(-1).argmin(1)
+        assert m["restarted"] == len(dead) >= 3
+        np.testing.assert_allclose(new, z[src], atol=1e-6)  # re-seeded on this batch's latents
+        mean_err[mode] = err[src].mean() / err.mean()
+    # uniform draws follow the (flat, well represented) mass; error draws the worst latents
+    assert mean_err["error"] > 2.0 * max(mean_err["random"], 1.0), mean_err

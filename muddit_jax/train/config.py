@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
         codebook="ema",  # ema | learned
         ema_decay=0.99, beta=0.25, l1_weight=1.0, l2_weight=1.0,
         restart_every=25, dead_after=100,  # dead-code restart (0 = never)
+        restart_from="random",  # re-seed dead codes from random | error (k-means++) latents
         log_every=50, checkpoint_every=500, eval_images=256,
     )
     c.artifacts = dict(  # PNGs of the run (muddit_jax/train/artifacts.py)

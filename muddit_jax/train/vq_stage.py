@@ -12,8 +12,9 @@ Codebook (``vq.codebook``):
 
 Dead-code restart: ``idle`` counts the steps since each code was last chosen; every
 ``vq.restart_every`` steps the codes idle for ``vq.dead_after`` steps or more are re-seeded from
-randomly chosen encoder latents of the current batch (at step 0 every code is seeded, so the
-codebook starts on the data). Metrics: ``psnr``, ``usage`` (fraction of codes chosen in the
+encoder latents of the current batch (at step 0 every code is seeded uniformly, so the codebook
+starts on the data). ``vq.restart_from``: ``"random"`` draws them uniformly, ``"error"`` in
+proportion to their squared quantization error (see :func:`restart_draw`). Metrics: ``psnr``, ``usage`` (fraction of codes chosen in the
 batch), ``active`` (fraction chosen within the last ``dead_after`` steps), ``perplexity``,
 ``restarted``. Files in ``WORKDIR/vq/``: ``checkpoints/``, ``metrics.jsonl``, ``eval.json``
 (held-out PSNR and codebook usage) and ``recon.png``.
@@ -47,6 +48,7 @@ from muddit_jax.train.optimizer import make_optimizer
 from muddit_jax.train.state import optimizer_shardings, with_shardings
 
 CODEBOOKS = ("ema", "learned")
+RESTART_FROM = ("random", "error")
 SMOOTHING = 1e-5  # Laplace smoothing of the EMA counts
 
 
@@ -70,6 +72,8 @@ def validate(v: ml_collections.ConfigDict) -> None:
         problems.append(f"vq.codebook={v.codebook!r}: use one of {CODEBOOKS}")
     if not 0.0 <= v.ema_decay < 1.0:
         problems.append(f"vq.ema_decay={v.ema_decay} must be in [0, 1)")
+    if v.restart_from not in RESTART_FROM:
+        problems.append(f"vq.restart_from={v.restart_from!r}: use one of {RESTART_FROM}")
     if v.restart_every < 0 or v.dead_after < 1:
         problems.append("vq.restart_every must be >= 0 (0 = never) and vq.dead_after >= 1")
     if v.global_batch < 1 or v.steps < 0:
@@ -92,6 +96,18 @@ def ema_codebook(cluster_size: jax.Array, embed_sum: jax.Array) -> jax.Array:
     total = jnp.sum(cluster_size)
     smoothed = (cluster_size + SMOOTHING) / (total + n * SMOOTHING) * total
     return embed_sum / jnp.maximum(smoothed, SMOOTHING)[:, None]
+
+
+def restart_draw(key: jax.Array, latents: jax.Array, assigned: jax.Array, n: int,
+                 by_error: jax.Array | bool) -> jax.Array:
+    """``n`` row indices into ``latents [m, d]`` for re-seeding dead codes: uniform, or with
+    ``by_error`` drawn with probability proportional to each latent's squared distance to its
+    assigned code ``assigned [m, d]`` (k-means++ seeding). Uniform draws follow the data's mass,
+    so on images that are mostly flat background they mostly split the background into
+    synonymous codes; error-weighted draws go to the patches the codebook represents worst."""
+    d2 = jnp.sum((latents - assigned) ** 2, axis=-1)
+    logits = jnp.where(by_error, jnp.log(d2 + 1e-12), 0.0)
+    return jax.random.categorical(key, logits, shape=(n,))
 
 
 def make_step(model: VQModel, v: ml_collections.ConfigDict, tx: optax.GradientTransformation,
@@ -133,11 +149,13 @@ def make_step(model: VQModel, v: ml_collections.ConfigDict, tx: optax.GradientTr
         if not learned:
             book = ema_codebook(cluster, esum).astype(book.dtype)
         idle = jnp.where(counts > 0, 0, state.idle + 1)
-        # dead-code restart from random latents of this batch
+        # dead-code restart from latents of this batch (uniformly or by quantization error)
         due = (v.restart_every > 0) & (state.step % max(v.restart_every, 1) == 0)
         dead = (due & (idle >= v.dead_after)) | (state.step == 0)
         key = jax.random.fold_in(state.rng, state.step)
-        fresh = latents[jax.random.randint(key, (n,), 0, latents.shape[0])]
+        old_book = state.params["vq"]["codebook"]["embedding"].astype(jnp.float32)
+        fresh = latents[restart_draw(key, latents, old_book[codes.reshape(-1)], n,
+                                     by_error=(v.restart_from == "error") & (state.step > 0))]
         book = jnp.where(dead[:, None], fresh.astype(book.dtype), book)
         esum = jnp.where(dead[:, None], fresh, esum)
         cluster = jnp.where(dead, 1.0, cluster)
