@@ -14,10 +14,12 @@ Dead-code restart: ``idle`` counts the steps since each code was last chosen; ev
 ``vq.restart_every`` steps the codes idle for ``vq.dead_after`` steps or more are re-seeded from
 encoder latents of the current batch (at step 0 every code is seeded uniformly, so the codebook
 starts on the data). ``vq.restart_from``: ``"random"`` draws them uniformly, ``"error"`` in
-proportion to their squared quantization error (see :func:`restart_draw`). Metrics: ``psnr``, ``usage`` (fraction of codes chosen in the
-batch), ``active`` (fraction chosen within the last ``dead_after`` steps), ``perplexity``,
-``restarted``. Files in ``WORKDIR/vq/``: ``checkpoints/``, ``metrics.jsonl``, ``eval.json``
-(held-out PSNR and codebook usage) and ``recon.png``.
+proportion to their squared quantization error (see :func:`restart_draw`).
+
+Metrics: ``psnr``, ``usage`` (fraction of codes chosen in the batch), ``active`` (fraction chosen
+within the last ``dead_after`` steps), ``perplexity``, ``restarted``. Files in ``WORKDIR/vq/``:
+``checkpoints/``, ``metrics.jsonl``, ``eval.json`` (held-out PSNR and codebook usage) and
+``recon.png``.
 """
 
 from __future__ import annotations
