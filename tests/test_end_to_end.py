@@ -48,7 +48,8 @@ def test_every_stage_runs_and_writes_its_artifacts(run) -> None:
     assert {"cider_d", "bleu4", "attribute_accuracy"} <= set(summary["caption"])
     assert "vqa_accuracy" in summary["vqa"] and "overall" in summary["t2i"]
     vq = json.loads((workdir / "vq/eval.json").read_text())
-    assert {"psnr", "usage", "perplexity"} <= set(vq) and 0 < vq["usage"] <= 1
+    assert {"psnr", "usage", "perplexity", "recon_detector_overall"} <= set(vq)
+    assert 0 < vq["usage"] <= 1 and 0 <= vq["recon_detector_overall"] <= 1
 
 
 def test_losses_decrease(run) -> None:

@@ -210,3 +210,26 @@ def test_split_words_matches_clip_regex():
     for text in CLIP_TEXTS:
         norm = normalize(text)
         assert split_words(norm) == pat.findall(norm), text
+
+
+def test_trained_bpe_keeps_every_shapes_word_whole(tmp_path):
+    """The default trained tokenizer (BPE) makes each word of the ``shapes`` language one piece,
+    so parallel decoding can only mix whole words; unigram on the same corpus splits ``small``,
+    ``yes`` and the digits into sub-words."""
+    from muddit_jax.data import shapes
+    from muddit_jax.data.text import train_tokenizer
+
+    config = shapes.ShapesConfig(resolution=32, max_objects=3, textures=("plain",))
+    texts = []
+    for i in range(400):
+        ex = shapes.generate(config, "train", i)
+        texts += list(ex.captions) + [f"{q.question} {q.answer}" for q in ex.qa]
+    words = {w.strip("?,;:") for t in texts for w in t.split()}
+    bpe = train_tokenizer(texts, 256, tmp_path / "bpe.model")
+    unigram = train_tokenizer(texts, 256, tmp_path / "unigram.model", model_type="unigram")
+    assert not [w for w in words if len(bpe.sp.encode(w)) > 1]
+    split = [w for w in words if len(unigram.sp.encode(w)) > 1]
+    assert {"small", "yes"} <= set(split)
+    ids = bpe.encode(["is there a small red circle? yes"], 16)[0]
+    assert bpe.decode([ids])[0] == "is there a small red circle? yes"
+    assert int(np.argmax(ids == bpe.eos_id)) == 9  # bos + 7 words + "?" piece

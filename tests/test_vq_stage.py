@@ -129,8 +129,9 @@ def test_evaluate_reports_psnr_usage_and_perplexity() -> None:
     metrics, recon = vq_stage.evaluate(run.model, params, images, batch=4)
     codes = np.asarray(run.model.apply({"params": params}, images, method=VQModel.encode))
     assert metrics["usage"] == pytest.approx(len(np.unique(codes)) / N_CODES)
-    assert recon.shape == (4, 8, 8, 3)  # the first batch
-    whole, recon = vq_stage.evaluate(run.model, params, images, batch=6)
+    assert recon.shape == (6, 8, 8, 3)  # every image, whatever the batch
+    whole, recon6 = vq_stage.evaluate(run.model, params, images, batch=6)
+    np.testing.assert_allclose(recon6, recon, atol=1e-6)
     assert 0.0 <= recon.min() and recon.max() <= 1.0
     mse = ((recon - images) ** 2).mean(axis=(1, 2, 3))
     assert metrics["psnr"] == pytest.approx(float(np.mean(-10 * np.log10(mse))), rel=1e-5)
@@ -177,3 +178,48 @@ def test_error_restart_reseeds_dead_codes_on_the_worst_represented_latents() -> 
         mean_err[mode] = err[src].mean() / err.mean()
     # uniform draws follow the (flat, well represented) mass; error draws the worst latents
     assert mean_err["error"] > 2.0 * max(mean_err["random"], 1.0), mean_err
+
+
+@pytest.mark.parametrize("encoder", ["patch", "diffusers"])
+def test_patch_encoder_codes_depend_only_on_their_own_pixels(encoder: str) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(_vq(), encoder=encoder)
+    model = VQModel(config)
+    params = model.init(jax.random.key(0), _images(0, 1))["params"]
+    x = np.asarray(_images(1, 2))
+    outside = x.copy()
+    outside[:, 2:, :, :] = 1.0 - outside[:, 2:, :, :]  # every pixel but the top row of patches
+    inside = x.copy()
+    inside[:, 0, 0, :] = 1.0 - inside[:, 0, 0, :]  # one pixel of patch (0, 0)
+
+    def latents(img):
+        return np.asarray(model.apply({"params": params}, img, method=VQModel.encode_latents))
+
+    z, z_out, z_in = latents(x), latents(outside), latents(inside)
+    assert z.shape == (2, 4, 4, 4)
+    same_patch_unchanged = np.array_equal(z[:, 0], z_out[:, 0])
+    assert same_patch_unchanged == (encoder == "patch")  # a diffusers encoder sees context
+    assert not np.allclose(z[:, 0, 0], z_in[:, 0, 0])
+    if encoder == "patch":  # the other patches of the row did not see the changed pixel
+        np.testing.assert_array_equal(z[:, 0, 1:], z_in[:, 0, 1:])
+        with pytest.raises(ValueError, match="encoder='patch'"):
+            config.to_hf_config()
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        dataclasses.replace(config, encoder="conv")
+
+
+def test_recon_detector_score_is_the_t2i_ceiling_of_the_reconstructions() -> None:
+    from muddit_jax.data import shapes
+    from muddit_jax.train.stages import recon_detector_score
+
+    config = shapes.ShapesConfig(resolution=32, max_objects=3, textures=("plain",))
+    exs = [shapes.generate(config, "test", i) for i in range(12)]
+    examples = [dict(image=e.image, objects=[dict(color=o.color, shape=o.shape, size=o.size,
+                                                  bbox=list(o.bbox)) for o in e.scene.objects])
+                for e in exs]
+    exact = np.stack([e.image for e in exs]).astype(np.float32) / 255.0
+    assert recon_detector_score(examples, exact) == 1.0  # perfect reconstructions
+    # another image's reconstruction does not pass for this one's objects
+    assert recon_detector_score(examples, np.roll(exact, 1, axis=0)) < 0.2
+    assert recon_detector_score([dict(image=exs[0].image)], exact[:1]) is None

@@ -83,7 +83,11 @@ def dataset_texts(sources: Iterable[Sequence[Mapping[str, Any]]]) -> Iterator[st
             yield from (t for t in record_texts(source[i]) if t.strip())
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | os.PathLike
-                    ) -> SentencePieceTokenizer:
-    """Train a SentencePiece model (with Muddit's ``<mask>``) on ``texts``, written atomically."""
-    return SentencePieceTokenizer.train(texts, vocab_size, model_path)
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str | os.PathLike,
+                    model_type: str = "bpe") -> SentencePieceTokenizer:
+    """Train a SentencePiece model (with Muddit's ``<mask>``) on ``texts``, written atomically.
+
+    ``model_type="bpe"`` by default: on a small closed vocabulary (the ``shapes`` templates) BPE
+    merges every frequent word into one piece, while unigram pruning keeps odd sub-word splits
+    (``small`` -> ``s ma ll``) that parallel decoding then mixes into non-words."""
+    return SentencePieceTokenizer.train(texts, vocab_size, model_path, model_type=model_type)

@@ -516,6 +516,37 @@ class MMDiT(nn.Module):
         return logits, text_logits
 
 
+def codebook_init(params: Mapping[str, Any], codebook: jax.Array, key: jax.Array) -> dict:
+    """``params`` (unboxed MM-DiT params) with the image-code rows of the input embedding and the
+    MLM head's output columns set from the VQ ``codebook [K, d]`` instead of at random.
+
+    The codebook is whitened per dimension and mapped to the model width by a random Gaussian
+    projection (one for the input, one for the output), then scaled to the random init's
+    standard deviation: codes whose patches look alike start alike, so rare codes get
+    meaningful embeddings before the generator has seen them often. Other rows (mask and extra
+    ids) keep their random init.
+    """
+    k = codebook.shape[0]
+    table = jnp.asarray(params["embed"]["embeddings"]["embedding"])
+    kernel = jnp.asarray(params["mlm_layer"]["conv2"]["kernel"])
+    if kernel.shape[1] != k or table.shape[0] < k:
+        raise ValueError(f"codebook of {k} codes does not match the MM-DiT's codebook_size "
+                         f"{kernel.shape[1]}")
+    c = codebook.astype(jnp.float32)
+    c = (c - c.mean(0)) / (c.std(0) + 1e-6)
+    k_in, k_out = jax.random.split(key)
+
+    def project(rng: jax.Array, width: int, like: jax.Array) -> jax.Array:
+        x = c @ jax.random.normal(rng, (c.shape[1], width), jnp.float32)
+        return (x * (jnp.std(like) / (jnp.std(x) + 1e-12))).astype(like.dtype)
+
+    out = jax.tree.map(lambda x: x, dict(params))
+    out["embed"]["embeddings"]["embedding"] = table.at[:k].set(
+        project(k_in, table.shape[1], table))
+    out["mlm_layer"]["conv2"]["kernel"] = project(k_out, kernel.shape[0], kernel).T
+    return out
+
+
 def dummy_inputs(config: MMDiTConfig, batch: int = 1, grid: int = 2, text_len: int = 1) -> tuple:
     """Smallest valid inputs (for ``init`` / ``eval_shape``)."""
     text_width = config.t5_dim or config.joint_attention_dim

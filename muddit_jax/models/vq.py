@@ -29,6 +29,7 @@ from muddit_jax.models.layers import Dtype, activation, attention, conv, dense, 
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
+NETWORKS = ("diffusers", "patch")  # VQConfig.encoder / decoder
 SPATIAL_NORM_GROUPS = 32  # hard-coded in diffusers' SpatialNorm
 EPS = 1e-6
 
@@ -38,7 +39,11 @@ class VQConfig:
     """Hyper-parameters of diffusers' ``VQModel`` plus the quantizer loss knobs.
 
     ``beta`` / ``legacy_loss`` are not upstream config fields (``VQModel`` hard-codes 0.25 and
-    the legacy loss form); they are kept out of :meth:`to_hf_config`.
+    the legacy loss form); they are kept out of :meth:`to_hf_config`. ``encoder`` / ``decoder``
+    are not upstream either: ``"diffusers"`` is ``VQModel``'s network; ``"patch"`` is
+    :class:`PatchEncoder` / :class:`PatchDecoder`, whose receptive field is exactly one code and
+    its ``f x f`` pixels, so a code is a function of the pixels it covers and decodes to the same
+    pixels wherever it stands (a per-patch VQ-VAE). Such a model cannot be exported to diffusers.
     """
 
     in_channels: int = 3
@@ -60,6 +65,8 @@ class VQConfig:
     force_upcast: bool = False
     beta: float = 0.25
     legacy_loss: bool = True
+    encoder: str = "diffusers"
+    decoder: str = "diffusers"
 
     def __post_init__(self) -> None:
         chans = self.block_out_channels
@@ -80,8 +87,13 @@ class VQConfig:
                 problems.append("norm_type='spatial' needs block_out_channels divisible by 32")
             if self.embed_dim != self.latent_channels:
                 problems.append("norm_type='spatial' needs vq_embed_dim == latent_channels")
-        if self.layers_per_block < 1:
-            problems.append("layers_per_block must be >= 1")
+        for field in ("encoder", "decoder"):
+            if getattr(self, field) not in NETWORKS:
+                problems.append(f"{field} must be one of {NETWORKS}, got {getattr(self, field)!r}")
+        patch_only = self.encoder == self.decoder == "patch"
+        if self.layers_per_block < (0 if patch_only else 1):
+            problems.append("layers_per_block must be >= 1 (>= 0 when encoder and decoder are "
+                            "both 'patch')")
         activation(self.act_fn)  # raises ValueError on an unknown name
         if problems:
             raise ValueError("invalid VQConfig: " + "; ".join(problems))
@@ -108,9 +120,12 @@ class VQConfig:
 
     def to_hf_config(self) -> dict[str, Any]:
         """An upstream-compatible ``config.json`` dict for diffusers' ``VQModel``."""
+        if (self.encoder, self.decoder) != ("diffusers", "diffusers"):
+            raise ValueError(f"a VQ with encoder={self.encoder!r}, decoder={self.decoder!r} has no "
+                             "diffusers equivalent; only 'diffusers' networks export to PyTorch")
         out: dict[str, Any] = {"_class_name": "VQModel"}
         for f in dataclasses.fields(self):
-            if f.name in ("beta", "legacy_loss"):
+            if f.name in ("beta", "legacy_loss", "encoder", "decoder"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
@@ -359,6 +374,56 @@ class Encoder(nn.Module):
         return conv(cfg.latent_channels, 3, padding=1, name="conv_out", **kw)(x)
 
 
+class PatchEncoder(nn.Module):
+    """Images -> latents with a receptive field of one code: an MLP on each ``f x f`` patch with
+    ``layers_per_block`` hidden layers of the widest channel count (0 = one linear map), the
+    first one a stride-``f`` conv (patchify + linear). No norm spans the image, so a code depends
+    on its own pixels only (flat synthetic scenes then get one code per distinct patch instead of
+    context-dependent synonyms)."""
+
+    config: VQConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        f = cfg.downsample_factor
+        widths = (cfg.block_out_channels[-1],) * cfg.layers_per_block + (cfg.latent_channels,)
+        x = conv(widths[0], f, strides=f, name="conv_in", **kw)(x)
+        return _pointwise_mlp(x, widths[1:], cfg.act_fn, kw)
+
+
+def _pointwise_mlp(x: jax.Array, widths: tuple[int, ...], act_fn: str, kw: dict) -> jax.Array:
+    """``act -> 1x1 conv`` for each of ``widths`` (``layers_{i}``, the last ``conv_out``)."""
+    act = activation(act_fn)
+    for i, width in enumerate(widths):
+        name = "conv_out" if i == len(widths) - 1 else f"layers_{i}"
+        x = conv(width, 1, name=name, **kw)(act(x))
+    return x
+
+
+class PatchDecoder(nn.Module):
+    """Latents -> images one code at a time: the mirror of :class:`PatchEncoder` (an MLP with
+    ``layers_per_block`` hidden layers to ``f * f * out_channels`` values, then depth-to-space)."""
+
+    config: VQConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, zq: jax.Array | None = None) -> jax.Array:
+        del zq  # no spatial norm: nothing spans the image
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        f, c = cfg.downsample_factor, cfg.out_channels
+        widths = (cfg.block_out_channels[-1],) * cfg.layers_per_block + (f * f * c,)
+        x = conv(widths[0], 1, name="conv_in", **kw)(x)
+        x = _pointwise_mlp(x, widths[1:], cfg.act_fn, kw)
+        b, h, w, _ = x.shape
+        x = x.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, h * f, w * f, c)
+
+
 class Decoder(nn.Module):
     """Latents ``[b, h, w, latent_channels]`` -> images ``[b, H, W, out_channels]``.
 
@@ -408,11 +473,11 @@ class VQModel(nn.Module):
     def setup(self) -> None:
         cfg = self.config
         kw = dict(dtype=self.compute_dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, **kw)
+        self.encoder = (PatchEncoder if cfg.encoder == "patch" else Encoder)(cfg, **kw)
         self.quant_conv = conv(cfg.embed_dim, 1, **kw)
         self.codebook = embed(cfg.num_vq_embeddings, cfg.embed_dim, **kw)
         self.post_quant_conv = conv(cfg.latent_channels, 1, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        self.decoder = (PatchDecoder if cfg.decoder == "patch" else Decoder)(cfg, **kw)
 
     def encode_latents(self, images: jax.Array) -> jax.Array:
         """Images ``[b, H, W, 3]`` in [0, 1] -> continuous latents ``[b, h, w, embed_dim]``."""

@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: the VQ tokenizer (channels per level: downsample 2^(levels-1))
         vq_channels=(32, 32, 64), vq_layers_per_block=1, vq_latent_channels=8,
         vq_norm_groups=8,
+        # diffusers | patch: per-patch networks (a code sees and decodes only its own pixels)
+        vq_encoder="diffusers", vq_decoder="diffusers",
+        # initial MM-DiT code embedding / MLM output: random | codebook (from the run's VQ
+        # codebook, so codes whose patches look alike start alike; muddit_jax/train/run.py)
+        code_init="random",
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -64,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         # SentencePiece model of model.text_vocab_size pieces on the split's texts into
         # WORKDIR/tokenizer.model (muddit_jax/train/stages.py)
         tokenizer="",
+        tokenizer_type="bpe",  # SentencePiece model type of a trained ("auto") tokenizer
         global_batch=8,
         grid=4,  # image-code grid h = w (image_size / VQ factor when images=True)
         text_length=8,
@@ -158,6 +164,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
             cfg.vq, block_out_channels=tuple(m.vq_channels), down_block_types=(DOWN_BLOCK,) * levels,
             up_block_types=(UP_BLOCK,) * levels, layers_per_block=m.vq_layers_per_block,
             latent_channels=m.vq_latent_channels, norm_num_groups=m.vq_norm_groups,
+            encoder=m.vq_encoder, decoder=m.vq_decoder,
         )
         return dataclasses.replace(
             cfg, vq=vq,

@@ -84,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, shards: int, model: Any) -> None
             raise ValueError(f"{what} decode images with the VQ: set data.images=True")
         if not config.data.tokenizer:
             raise ValueError(f"{what} need data.tokenizer")
+    code_init_edit(config)  # raises on a bad model.code_init
     if config.checkpoint.every < 1 or config.log.every < 1:
         raise ValueError("checkpoint.every and log.every must be >= 1")
 
@@ -189,4 +190,29 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
         pretrained["vq"] = load_params(config.train.vq_from)["vq"]
-    return run.setup.init(config.seed, pretrained or None), False
+    return run.setup.init(config.seed, pretrained or None, edit=code_init_edit(config)), False
+
+
+CODE_INITS = ("random", "codebook")
+
+
+def code_init_edit(config: ml_collections.ConfigDict) -> Any:
+    """The initial-params edit of ``model.code_init``: ``"codebook"`` sets the MM-DiT's code
+    embedding and MLM output from the VQ codebook (:func:`~muddit_jax.models.mmdit.codebook_init`;
+    needs the VQ in the run and a fresh MM-DiT), ``"random"`` none."""
+    mode = config.model.code_init
+    if mode not in CODE_INITS:
+        raise ValueError(f"model.code_init={mode!r}: use one of {CODE_INITS}")
+    if mode == "random":
+        return None
+    if not config.data.images or config.train.init_from:
+        raise ValueError("model.code_init='codebook' initialises a fresh MM-DiT from the run's "
+                         "VQ: it needs data.images=True and no train.init_from")
+    from muddit_jax.models.mmdit import codebook_init
+
+    def edit(params: dict[str, Any]) -> dict[str, Any]:
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+        book = params["vq"]["codebook"]["embedding"]
+        return {**params, "mmdit": codebook_init(params["mmdit"], book, key)}
+
+    return edit

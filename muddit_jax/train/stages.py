@@ -29,6 +29,7 @@ from muddit_jax.train.checkpoint import Checkpointer
 from muddit_jax.train.metrics import MetricWriter, Throughput, progress_line
 
 STAGES = ("vq", "mmdit", "all")
+TOKENIZER_TYPES = ("bpe", "unigram", "word", "char")
 AUTO = "auto"
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -57,8 +58,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
 
 def train_tokenizer(config: ml_collections.ConfigDict, path: Path) -> None:
-    """SentencePiece of ``model.text_vocab_size`` pieces on ``data.dataset/split``'s texts (process
-    0 writes it, the others wait for it)."""
+    """SentencePiece (``data.tokenizer_type``) of at most ``model.text_vocab_size`` pieces on
+    ``data.dataset/split``'s texts (process 0 writes it, the others wait for it)."""
     from muddit_jax.data.registry import data_source
     from muddit_jax.data.text import dataset_texts
     from muddit_jax.data.text import train_tokenizer as train_sp
@@ -67,7 +68,8 @@ def train_tokenizer(config: ml_collections.ConfigDict, path: Path) -> None:
         d = config.data
         source = data_source(d.dataset, d.split, d.data_dir or None, build=True,
                              **dict(d.options))
-        tok = train_sp(dataset_texts([source]), int(config.model.text_vocab_size), path)
+        tok = train_sp(dataset_texts([source]), int(config.model.text_vocab_size), path,
+                       model_type=d.tokenizer_type)
         print(f"muddit-train: trained a {tok.vocab_size}-piece tokenizer -> {path}", flush=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -88,12 +90,17 @@ def _image_iterator(config: ml_collections.ConfigDict, resolution: int, rows: sl
     return make_iterator(data_config, load_tokenizer(d.tokenizer, add_mask_token=True), rows=rows)
 
 
-def eval_images(config: ml_collections.ConfigDict, resolution: int, limit: int) -> np.ndarray:
-    """The first ``limit`` images of the evaluation split, float ``[N, R, R, 3]`` in [0, 1]."""
-    from muddit_jax.eval.job import split_examples
+def recon_detector_score(examples: list[dict[str, Any]], recon: np.ndarray) -> float | None:
+    """With ``shapes`` ground truth (``objects``), the compositional T2I detector's overall
+    verdict on the VQ's reconstructions: the T2I score a generator that drew every held-out image's
+    exact codes would get (``None`` for datasets without ``objects``)."""
+    if not examples or not all("objects" in e for e in examples):
+        return None
+    from muddit_jax.eval.compositional import category_scores, judge
 
-    ex = split_examples(config, "caption", resolution, limit)
-    return np.stack([e["image"] for e in ex]).astype(np.float32) / 255.0
+    pixels = np.round(np.asarray(recon) * 255).astype(np.uint8)
+    verdicts = [judge(img, e["objects"]) for img, e in zip(pixels, examples)]
+    return category_scores(verdicts)["overall"]
 
 
 def train_vq(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -142,8 +149,14 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         ckpt.close()
         writer.close()
     params = jax.device_get(state.params["vq"])
-    images = eval_images(config, resolution, int(v.eval_images))
+    from muddit_jax.eval.job import split_examples
+
+    examples = split_examples(config, "caption", resolution, int(v.eval_images))
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255.0
     metrics, recon = vq_stage.evaluate(run.model, params, images)
+    detector = recon_detector_score(examples, recon)
+    if detector is not None:
+        metrics["recon_detector_overall"] = detector
     if jax.process_index() == 0:
         n = min(16, len(recon))
         to8 = (lambda x: np.round(np.clip(x, 0, 1) * 255).astype(np.uint8))
@@ -152,7 +165,8 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         write_json_atomic({"step": step, **metrics}, out / "eval.json")
         print(f"muddit-train: VQ held-out ({int(metrics['images'])} images): PSNR "
               f"{metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.1%}, perplexity "
-              f"{metrics['perplexity']:.1f}", flush=True)
+              f"{metrics['perplexity']:.1f}" + ("" if detector is None else
+              f", T2I detector on reconstructions {detector:.3f}"), flush=True)
     return metrics
 
 
@@ -170,6 +184,9 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str | Path, stage: st
     from muddit_jax.train.vq_stage import validate as validate_vq
 
     validate_vq(config.vq)  # fail before any slow work (tokenizer, compiles)
+    if config.data.tokenizer == AUTO and config.data.tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"data.tokenizer_type={config.data.tokenizer_type!r}: use one of "
+                         f"{TOKENIZER_TYPES}")
     C.trainable(config)
     if config.model.preset != "pretrained":
         C.model_config(config)

@@ -134,9 +134,11 @@ class StateSetup:
     _init_params: Callable[[jax.Array], dict[str, Any]]
     _from_params: Callable[[dict[str, Any], jax.Array], TrainState]
 
-    def init(self, seed: int, params: Mapping[str, Any] | None = None) -> TrainState:
+    def init(self, seed: int, params: Mapping[str, Any] | None = None,
+             edit: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> TrainState:
         """Sharded random init; sub-models present in ``params`` (host or device arrays,
-        unboxed) replace the random ones (e.g. pretrained text encoder / VQ / MM-DiT)."""
+        unboxed) replace the random ones (e.g. pretrained text encoder / VQ / MM-DiT); then
+        ``edit(params) -> params`` (same tree and shapes) may rewrite the initial values."""
         k_params, k_train = jax.random.split(jax.random.PRNGKey(seed))
         with sharding_context(self.mesh, self.rules):
             full = self._init_params(k_params)
@@ -144,6 +146,9 @@ class StateSetup:
                 if name not in full:
                     raise ValueError(f"pretrained sub-model {name!r} is not part of this model")
                 full[name] = _put_like(sub, full[name], self.param_shardings[name], name)
+            if edit is not None:
+                edited = edit(full)
+                full = {n: _put_like(edited[n], full[n], self.param_shardings[n], n) for n in full}
             return self._from_params(full, k_train)
 
 

@@ -108,8 +108,11 @@ def restart_draw(key: jax.Array, latents: jax.Array, assigned: jax.Array, n: int
     so on images that are mostly flat background they mostly split the background into
     synonymous codes; error-weighted draws go to the patches the codebook represents worst."""
     d2 = jnp.sum((latents - assigned) ** 2, axis=-1)
-    logits = jnp.where(by_error, jnp.log(d2 + 1e-12), 0.0)
-    return jax.random.categorical(key, logits, shape=(n,))
+    weights = jnp.where(by_error, d2 + 1e-12, 1.0)
+    # inverse-CDF sampling: O(m + n log m); a Gumbel-max categorical would draw n * m numbers
+    cdf = jnp.cumsum(weights)
+    u = jax.random.uniform(key, (n,), dtype=cdf.dtype) * cdf[-1]
+    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), latents.shape[0] - 1)
 
 
 def make_step(model: VQModel, v: ml_collections.ConfigDict, tx: optax.GradientTransformation,
@@ -253,7 +256,7 @@ def evaluate(model: VQModel, params: Any, images: np.ndarray, batch: int = 64
              ) -> tuple[dict[str, float], np.ndarray]:
     """Held-out metrics of ``images [N, H, W, 3]`` in [0, 1]: mean per-image ``psnr`` (clipped
     reconstructions), codebook ``usage`` (distinct codes / codebook size) and ``perplexity`` of
-    the code histogram. Also returns the reconstructions of the first ``batch`` images."""
+    the code histogram. Also returns every (clipped) reconstruction, ``[N, H, W, 3]``."""
     n = model.config.num_vq_embeddings
 
     @jax.jit
@@ -261,11 +264,11 @@ def evaluate(model: VQModel, params: Any, images: np.ndarray, batch: int = 64
         codes = model.apply({"params": params}, x, method=VQModel.encode)
         return codes, jnp.clip(model.apply({"params": params}, codes, method=VQModel.decode), 0, 1)
 
-    psnrs, counts, first = [], np.zeros(n), None
+    psnrs, counts, recons = [], np.zeros(n), []
     for i in range(0, len(images), batch):
         x = np.asarray(images[i : i + batch], np.float32)
         codes, recon = jax.device_get(run(x))
-        first = recon if first is None else first
+        recons.append(recon)
         mse = np.mean((recon - x) ** 2, axis=(1, 2, 3))
         psnrs.append(-10 * np.log10(np.maximum(mse, 1e-10)))
         counts += np.bincount(np.asarray(codes).ravel(), minlength=n)
@@ -273,7 +276,7 @@ def evaluate(model: VQModel, params: Any, images: np.ndarray, batch: int = 64
     perplexity = float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0]))))
     metrics = dict(psnr=float(np.mean(np.concatenate(psnrs))), usage=float(np.mean(counts > 0)),
                    perplexity=perplexity, images=float(len(images)))
-    return metrics, first
+    return metrics, np.concatenate(recons)
 
 
 def vq_workdir(workdir: str | Path) -> Path:
