@@ -299,3 +299,40 @@ def test_unboxed_init_matches_port_target():
     params = nn.unbox(jax.eval_shape(MMDiT(config).init, jax.random.key(0), *dummy_inputs(config)))
     flat = {"/".join(k) for k in flatten(params["params"])}
     assert flat == {"/".join(m.flax_path) for m in key_map(config)}
+
+
+def test_rope_theta_option():
+    """``rope_theta`` reaches the rotary tables (diffusers' ``FluxPosEmbed(theta)``), changes the
+    output, travels in the config dict only when not upstream's 10000, and is validated. Why it
+    exists: with 6 channels per axis, theta=10000 makes columns 0 and 6 of an 8-wide grid almost
+    the same rotation; theta=16 keeps every pair apart."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    img_ids, txt_ids = prepare_ids(3, 8, 8)
+    cos_ref, sin_ref = FluxPosEmbed(16, [4, 6, 6])(torch.cat([txt_ids, img_ids]))
+    cos, sin = rope_cos_sin(rope_ids(3, 8, 8), (4, 6, 6), 16.0)
+    assert_close(cos, cos_ref, 1e-6, "rope cos, theta 16")
+    assert_close(sin, sin_ref, 1e-6, "rope sin, theta 16")
+
+    def column_similarity(theta: float) -> np.ndarray:
+        ids = np.zeros((8, 3))
+        ids[:, 2] = np.arange(8)
+        c, s = rope_cos_sin(ids, (4, 6, 6), theta)
+        v = np.concatenate([c[:, 10:], s[:, 10:]], axis=1) / np.sqrt(6)
+        return v @ v.T
+
+    assert column_similarity(10000.0)[0, 6] > 0.95
+    assert column_similarity(16.0)[np.triu_indices(8, 2)].max() < 0.5
+
+    cfg = MMDiTConfig(**BASE)
+    low = dataclasses.replace(cfg, rope_theta=16.0)
+    assert "rope_theta" not in cfg.to_hf_config()
+    assert low.to_hf_config()["rope_theta"] == 16.0
+    assert MMDiTConfig.from_hf_config(low.to_hf_config()) == low
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    params = MMDiT(cfg).init(jax.random.key(0), *inputs)
+    out_default = MMDiT(cfg).apply(params, *inputs)[0]
+    out_low = MMDiT(low).apply(params, *inputs)[0]
+    assert float(jnp.abs(out_default - out_low).max()) > 1e-3
+    with pytest.raises(ValueError, match="rope_theta"):
+        dataclasses.replace(cfg, rope_theta=1.0)

@@ -41,6 +41,7 @@ Dtype = Any
 ACT = ("act_batch", "act_len", "act_embed")
 NORM_EPS = 1e-6
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
+UPSTREAM_ROPE_THETA = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class MMDiTConfig:
     be ``None`` or equal to it. ``vocab_size`` = codebook + special ids (mask id =
     ``vocab_size - 1``); ``tokenizer_vocab_size`` ``None`` = no text head; ``t5_dim`` adds the
     ``adapter`` (LayerNorm + Linear to ``joint_attention_dim``) in front of ``context_embedder``.
+    ``rope_theta`` is not an upstream key (upstream fixes 10000; the config dict carries it only
+    when different): small models on small grids lower it, since with few channels per axis 10000
+    leaves one usable frequency, whose period (2 pi) aliases positions 6 apart.
     """
 
     patch_size: int = 1
@@ -71,6 +75,7 @@ class MMDiTConfig:
     downsample: bool = False
     upsample: bool = False
     block_out_channels: int | None = None
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -89,6 +94,8 @@ class MMDiTConfig:
             )
         if self.guidance_embeds:
             raise ValueError("guidance_embeds=True is not supported (unused upstream)")
+        if not self.rope_theta > 1.0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (upstream: 10000)")
         if self.block_out_channels not in (None, self.inner_dim):
             raise ValueError(
                 f"block_out_channels={self.block_out_channels} but upstream always embeds at "
@@ -118,6 +125,8 @@ class MMDiTConfig:
         d["axes_dims_rope"] = list(self.axes_dims_rope)
         if d["block_out_channels"] is None:
             del d["block_out_channels"]
+        if d["rope_theta"] == UPSTREAM_ROPE_THETA:  # upstream has no such key
+            del d["rope_theta"]
         return d
 
 
@@ -480,7 +489,8 @@ class MMDiT(nn.Module):
         )
 
         cos, sin = (
-            jnp.asarray(a) for a in rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope)
+            jnp.asarray(a) for a in rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope,
+                                                  cfg.rope_theta)
         )
         txt, img = nn.with_logical_constraint(txt, ACT), nn.with_logical_constraint(img, ACT)
         txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), temb, cos, sin)
