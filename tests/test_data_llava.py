@@ -136,7 +136,7 @@ def test_shapes_llava_round_trip_through_the_pipeline(tmp_path):
     tok = text.train_tokenizer(text.dataset_texts([source]), 64, tmp_path / "tok.model")
     cfg = DataConfig(dataset="llava", data_dir=str(tmp_path / "data"),
                      options={"source_dir": str(tmp_path / "src")}, resolution=32,
-                     text_length=32, global_batch_size=3, task="vqa", num_epochs=1)
+                     text_length=64, global_batch_size=3, task="vqa", num_epochs=1)
     with make_iterator(cfg, tok, process_index=0, process_count=1) as it:
         batches = list(it)
     assert len(batches) == 2
