@@ -336,3 +336,20 @@ def test_rope_theta_option():
     assert float(jnp.abs(out_default - out_low).max()) > 1e-3
     with pytest.raises(ValueError, match="rope_theta"):
         dataclasses.replace(cfg, rope_theta=1.0)
+
+
+def test_image_pos_embed_option():
+    """``image_pos_embed`` adds one learned ``[tokens, width]`` table (logical axes ``(None,
+    embed)``) that makes the output depend on where a token is; it is exported only when on."""
+    cfg = dataclasses.replace(MMDiTConfig(**BASE), image_pos_embed=True)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    boxed = MMDiT(cfg).init(jax.random.key(0), *inputs)["params"]
+    table = boxed["image_pos_embed"]
+    assert table.names == (None, "embed") and table.value.shape == ((H // 2) * (W // 2), 32)
+    params = {"params": nn.unbox(boxed)}
+    zero = {"params": {**params["params"], "image_pos_embed": jnp.zeros_like(table.value)}}
+    with_table = MMDiT(cfg).apply(params, *inputs)[0]
+    without = MMDiT(cfg).apply(zero, *inputs)[0]
+    assert float(jnp.abs(with_table - without).max()) > 1e-4
+    assert "image_pos_embed" not in MMDiTConfig(**BASE).to_hf_config()
+    assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg

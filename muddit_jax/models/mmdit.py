@@ -56,6 +56,8 @@ class MMDiTConfig:
     ``rope_theta`` is not an upstream key (upstream fixes 10000; the config dict carries it only
     when different): small models on small grids lower it, since with few channels per axis 10000
     leaves one usable frequency, whose period (2 pi) aliases positions 6 apart.
+    ``image_pos_embed`` (not upstream either) adds a learned absolute position embedding to the
+    image tokens, so their values, not only their attention scores, know where they are.
     """
 
     patch_size: int = 1
@@ -76,6 +78,7 @@ class MMDiTConfig:
     upsample: bool = False
     block_out_channels: int | None = None
     rope_theta: float = 10000.0
+    image_pos_embed: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -127,6 +130,8 @@ class MMDiTConfig:
             del d["block_out_channels"]
         if d["rope_theta"] == UPSTREAM_ROPE_THETA:  # upstream has no such key
             del d["rope_theta"]
+        if not d["image_pos_embed"]:  # nor this one
+            del d["image_pos_embed"]
         return d
 
 
@@ -487,6 +492,12 @@ class MMDiT(nn.Module):
         img = layers.dense(d, ("conv_in", "embed"), use_bias=False, name="project_to_hidden", **kw)(
             img
         )
+        if cfg.image_pos_embed:
+            table = self.param(
+                "image_pos_embed",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (gh * gw, d), self.param_dtype)
+            img = img + jnp.asarray(table, dt)[None]
 
         cos, sin = (
             jnp.asarray(a) for a in rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope,

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         # codebook, so codes whose patches look alike start alike; muddit_jax/train/run.py)
         code_init="random",
         rope_theta=10000.0,  # tiny only: RoPE base (upstream 10000; see MMDiTConfig.rope_theta)
+        image_pos_embed=False,  # tiny only: learned absolute image position embedding
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -174,7 +175,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
             mmdit=dataclasses.replace(
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers,
                 downsample=bool(m.downsample), upsample=bool(m.downsample),
-                rope_theta=float(m.rope_theta),
+                rope_theta=float(m.rope_theta), image_pos_embed=bool(m.image_pos_embed),
             ),
         )
     if m.preset == "muddit_512":
