@@ -218,7 +218,7 @@ def test_recon_detector_score_is_the_t2i_ceiling_of_the_reconstructions() -> Non
     examples = [dict(image=e.image, objects=[dict(color=o.color, shape=o.shape, size=o.size,
                                                   bbox=list(o.bbox)) for o in e.scene.objects])
                 for e in exs]
-    exact = np.stack([e.image for e in exs]).astype(np.float32) / 255.0
+    exact = np.stack([e.image for e in exs])
     assert recon_detector_score(examples, exact) == 1.0  # perfect reconstructions
     # another image's reconstruction does not pass for this one's objects
     assert recon_detector_score(examples, np.roll(exact, 1, axis=0)) < 0.2

@@ -77,7 +77,7 @@ class MMDiTConfig:
     downsample: bool = False
     upsample: bool = False
     block_out_channels: int | None = None
-    rope_theta: float = 10000.0
+    rope_theta: float = UPSTREAM_ROPE_THETA
     image_pos_embed: bool = False
 
     def __post_init__(self):

@@ -92,14 +92,14 @@ def _image_iterator(config: ml_collections.ConfigDict, resolution: int, rows: sl
 
 def recon_detector_score(examples: list[dict[str, Any]], recon: np.ndarray) -> float | None:
     """With ``shapes`` ground truth (``objects``), the compositional T2I detector's overall
-    verdict on the VQ's reconstructions: the T2I score a generator that drew every held-out image's
-    exact codes would get (``None`` for datasets without ``objects``)."""
+    verdict on the VQ's reconstructions ``uint8 [N, R, R, 3]``: the T2I score a generator that
+    drew every held-out image's exact codes would get (``None`` for datasets without
+    ``objects``)."""
     if not examples or not all("objects" in e for e in examples):
         return None
     from muddit_jax.eval.compositional import category_scores, judge
 
-    pixels = np.round(np.asarray(recon) * 255).astype(np.uint8)
-    verdicts = [judge(img, e["objects"]) for img, e in zip(pixels, examples)]
+    verdicts = [judge(img, e["objects"]) for img, e in zip(recon, examples)]
     return category_scores(verdicts)["overall"]
 
 
@@ -152,16 +152,15 @@ def train_vq(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     from muddit_jax.eval.job import split_examples
 
     examples = split_examples(config, "caption", resolution, int(v.eval_images))
-    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255.0
-    metrics, recon = vq_stage.evaluate(run.model, params, images)
+    pixels = np.stack([e["image"] for e in examples])  # uint8
+    metrics, recon = vq_stage.evaluate(run.model, params, pixels.astype(np.float32) / 255.0)
+    recon = np.round(recon * 255).astype(np.uint8)  # evaluate() clips to [0, 1]
     detector = recon_detector_score(examples, recon)
     if detector is not None:
         metrics["recon_detector_overall"] = detector
     if jax.process_index() == 0:
         n = min(16, len(recon))
-        to8 = (lambda x: np.round(np.clip(x, 0, 1) * 255).astype(np.uint8))
-        artifacts.save_png(artifacts.stacked_rows([to8(images[:n]), to8(recon[:n])]),
-                           out / "recon.png")
+        artifacts.save_png(artifacts.stacked_rows([pixels[:n], recon[:n]]), out / "recon.png")
         write_json_atomic({"step": step, **metrics}, out / "eval.json")
         print(f"muddit-train: VQ held-out ({int(metrics['images'])} images): PSNR "
               f"{metrics['psnr']:.2f} dB, codebook usage {metrics['usage']:.1%}, perplexity "
