@@ -153,7 +153,9 @@ class MudditPipeline:
         return_codes: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Text -> images ``np.uint8 [b, H, W, 3]`` (and the VQ codes ``[b, h, w]`` with
-        ``return_codes``). ``guidance_scale=None`` disables CFG.
+        ``return_codes``). ``guidance_scale=None`` disables CFG. ``temperature`` = (start, end)
+        scale of the Gumbel noise on token confidences (annealed linearly; ``(0, 0)`` keeps the
+        most likely tokens).
 
         Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
         VQ code grid; the codes of kept cells stay fixed and the others are generated.
@@ -163,7 +165,8 @@ class MudditPipeline:
             raise ValueError("inpainting needs both images and keep (the code-grid mask to keep)")
         cfg = SamplerConfig(
             num_steps=_check_steps(steps), mask_id=self.config.mmdit.mask_token_id,
-            vocab_limit=self.config.mmdit.codebook_size, temperature=tuple(temperature),
+            vocab_limit=self.config.mmdit.codebook_size,
+            temperature=_check_temperature(temperature),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
@@ -355,6 +358,17 @@ def _check_steps(steps: int) -> int:
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return int(steps)
+
+
+def _check_temperature(temperature: Any) -> tuple[float, float]:
+    try:
+        pair = tuple(float(x) for x in temperature)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2 or not all(np.isfinite(x) and x >= 0 for x in pair):
+        raise ValueError(f"temperature must be (start, end): two finite numbers >= 0, e.g. "
+                         f"(2.0, 0.0) or (0, 0) for no confidence noise; got {temperature!r}")
+    return pair
 
 
 def _check_images(images: Any, size: int) -> np.ndarray:

@@ -88,6 +88,17 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     summary = json.loads((workdir / "eval" / f"{step}-validation" / "summary.json").read_text())
     assert set(summary) == {"vqa"}
+    assert sample_cli.main(["--workdir", str(workdir), "--prompt", "a red circle", "--out",
+                            str(tmp_path / "b.png"), "--steps", "2", "--temperature", "0", "0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    base = ["--workdir", str(workdir), "--prompt", "x"]
+    _, t2i = sample_cli.load_pipeline(sample_cli.parse_args(base))  # the run's eval settings
+    assert t2i == {"guidance_scale": 4.0, "temperature": (2.0, 0.0)}
+    _, t2i = sample_cli.load_pipeline(sample_cli.parse_args(base + ["--temperature", "1", "0"]))
+    assert t2i["temperature"] == [1.0, 0.0]
+    with pytest.raises(SystemExit):
+        sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--temperature", "0", "0"])
+    assert "--temperature applies to text-to-image" in capsys.readouterr().err
 
 
 def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:

@@ -79,6 +79,28 @@ def test_rerun_skips_finished_shards_and_bad_input_is_clear(run, capsys):
     assert eval_main(["--config", str(path), "--workdir", str(workdir / "none")]) == 2
 
 
+def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
+    """eval.temperature / eval.guidance_scale enter the t2i shards' settings and no others: a
+    rerun with another temperature recomputes T2I and reuses the caption shards."""
+    path, workdir = run
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    args = ["--config", str(path), "--workdir", str(tmp_path), "--task", "caption,t2i"]
+    assert eval_main(args) == 0
+    shards = tmp_path / "eval" / "2" / "shards"
+
+    def settings(task):
+        return json.loads(next(shards.glob(f"{task}-*.json")).read_text())["settings"]
+
+    assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0]}
+    assert settings("caption")["options"] == {}
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)"]) == 0
+    assert settings("t2i")["options"]["temperature"] == [0.0, 0.0]
+    for name, before in stamps.items():
+        changed = (shards / name).stat().st_mtime_ns != before
+        assert changed == name.startswith("t2i"), name
+
+
 def test_same_predictions_on_one_and_eight_devices(run, tmp_path):
     """muddit-eval over the checkpoint: 8 local devices (batch 8) == 1 device (batch 2)."""
     path, workdir = run

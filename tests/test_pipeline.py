@@ -40,6 +40,16 @@ def test_per_example_seeds_decode_independently_of_the_batch(pipe):
         pipe.generate(prompts, seed=[1, 2])
 
 
+def test_temperature_reaches_the_sampler(pipe):
+    """Confidence noise changes which tokens are kept; its absence is deterministic per seed."""
+    prompts = ["a red circle", "a blue square", "a green triangle", "a small square"]
+    plain = pipe.generate(prompts, steps=4, seed=5, temperature=(0.0, 0.0))
+    np.testing.assert_array_equal(plain, pipe.generate(prompts, steps=4, seed=5,
+                                                       temperature=[0, 0]))
+    noisy = pipe.generate(prompts, steps=4, seed=5, temperature=(50.0, 50.0))
+    assert not np.array_equal(plain, noisy)
+
+
 def test_guidance_none_and_scale_one_agree(pipe):
     a = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=None)
     b = pipe.generate(["a red circle"], steps=3, seed=0, guidance_scale=1.0)
@@ -101,6 +111,8 @@ def test_vqa_prefix_stays_fixed(pipe):
         (lambda p: p.generate(["x"], images=np.zeros((1, 16, 16, 3)), keep=np.ones((1, 2, 2))),
          "keep must be"),
         (lambda p: p.answer(np.zeros((1, 16, 16, 3)), ["what is " * 20]), "no room"),
+        (lambda p: p.generate(["x"], temperature=(-1.0, 0.0)), "temperature must be"),
+        (lambda p: p.generate(["x"], temperature=2.0), "temperature must be"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(pipe, call, fragment):

@@ -255,6 +255,9 @@ def test_single_step_and_config_validation() -> None:
     for bad in bad_configs:
         with pytest.raises(ValueError):
             cfg(**bad)
+    for t in ((2.0,), (-1.0, 0.0), (float("nan"), 0.0), [2.0, 0.0], ("2", 0.0)):
+        with pytest.raises(ValueError, match="temperature must be"):
+            cfg(temperature=t)
     assert hash(cfg()) == hash(dataclasses.replace(cfg()))
 
 

@@ -36,24 +36,29 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BICUBIC), np.uint8)
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[Any, float]:
-    """The pipeline of ``--workdir`` or ``--checkpoint`` and its guidance scale."""
+def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The pipeline of ``--workdir`` or ``--checkpoint`` and its T2I sampling options
+    (``guidance_scale``, ``temperature``): the flags, else the run's ``eval`` settings, else the
+    pipeline defaults."""
+    t2i = dict(guidance_scale=args.guidance_scale, temperature=args.temperature)
     if args.checkpoint:
         from muddit_jax.pipeline import MudditPipeline
 
         pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
-        return pipe, 9.0 if args.guidance_scale is None else args.guidance_scale
+        defaults = dict(guidance_scale=9.0, temperature=(2.0, 0.0))
+        return pipe, {k: defaults[k] if v is None else v for k, v in t2i.items()}
     from muddit_jax.eval.job import build_pipeline
     from muddit_jax.train.checkpoint import load_params
     from muddit_jax.train.stages import saved_config
 
     config, step = saved_config(args.workdir, args.step)
     params = load_params(Path(args.workdir) / "checkpoints", step=step, ema=args.ema)
-    scale = config.eval.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    return build_pipeline(config, params), float(scale)
+    t2i = {k: config.eval[k] if v is None else v for k, v in t2i.items()}
+    return build_pipeline(config, params), t2i
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (usage errors exit with status 2)."""
     p = argparse.ArgumentParser(prog="muddit-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -69,17 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="default: the run's eval.guidance_scale (--workdir) or 9")
+    p.add_argument("--temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
+                   help="T2I confidence-noise temperature, annealed from START to END (0 0 = keep "
+                        "the most likely tokens); default: the run's eval.temperature or 2 0")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.image is None):
         p.error("pass exactly one of --prompt (text-to-image) or --image (caption / VQA)")
     if args.question is not None and args.image is None:
         p.error("--question needs --image")
+    if args.temperature is not None and args.prompt is None:
+        p.error("--temperature applies to text-to-image (--prompt) only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        pipe, guidance = load_pipeline(args)
+        pipe, t2i = load_pipeline(args)
         if args.prompt is not None:
-            image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed,
-                                  guidance_scale=guidance)[0]
+            image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed, **t2i)[0]
             from PIL import Image
 
             from muddit_jax.train.artifacts import save_png

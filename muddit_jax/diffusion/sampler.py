@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -74,6 +75,11 @@ class SamplerConfig:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         if self.num_steps < 1:
             raise ValueError("num_steps must be >= 1")
+        t = self.temperature
+        if not (isinstance(t, tuple) and len(t) == 2
+                and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in t)):
+            raise ValueError(f"temperature must be a (start, end) tuple of two finite numbers "
+                             f">= 0 (e.g. (2.0, 0.0)), got {t!r}")
         if self.sampling == "top_k" and self.top_k < 1:
             raise ValueError("sampling='top_k' needs top_k >= 1")
 

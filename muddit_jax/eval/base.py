@@ -64,6 +64,9 @@ class Evaluator:
     """
 
     task = "base"
+    # ``config.eval`` fields the predictions depend on besides steps and seed; the eval job
+    # passes exactly these as options (so they enter the shard settings of this task only)
+    config_options: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -128,9 +128,12 @@ class CompositionalT2IEvaluator(Evaluator):
     """Examples: ``{"id", "prompt", "objects": [{color, shape, size, bbox}, ...]}``; predictions
     are the detector's verdicts per generated image."""
 
+    config_options = ("guidance_scale", "temperature")
+
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),
-                               guidance_scale=self.options.get("guidance_scale", 9.0))
+                               guidance_scale=self.options.get("guidance_scale", 9.0),
+                               temperature=self.options.get("temperature", (2.0, 0.0)))
         return [judge(img, e["objects"]) for img, e in zip(images, batch)]
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:

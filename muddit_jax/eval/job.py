@@ -20,7 +20,7 @@ import ml_collections
 
 import muddit_jax.eval.compositional  # noqa: F401  (registers "t2i")
 import muddit_jax.eval.tasks  # noqa: F401  (registers "caption", "vqa")
-from muddit_jax.eval.base import get_evaluator
+from muddit_jax.eval.base import REGISTRY, get_evaluator
 from muddit_jax.eval.datasets import TASKS, eval_examples
 from muddit_jax.files import write_bytes_atomic, write_json_atomic
 
@@ -94,8 +94,9 @@ def evaluate(
     summary = {}
     for task in tasks:
         examples = split_examples(config, task, pipe.image_size, e.limit or None)
+        options = {k: e[k] for k in REGISTRY[task].config_options} if task in REGISTRY else {}
         ev = get_evaluator(task, examples, batch_size=e.batch_size, shard_size=e.shard_size,
-                           steps=e.steps, seed=e.seed, guidance_scale=e.guidance_scale)
+                           steps=e.steps, seed=e.seed, **options)
         summary[task] = ev.run(pipe, out_dir, process_index=jax.process_index(),
                                process_count=jax.process_count(), barrier=barrier)
     if jax.process_index() == 0:

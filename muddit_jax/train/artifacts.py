@@ -145,12 +145,15 @@ def loss_curve(metrics: Mapping[int, Mapping[str, float]], keys: Sequence[str], 
 
 def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str],
                         images: np.ndarray, questions: Sequence[str], truths: Sequence[str],
-                        steps: int, guidance_scale: float, seed: int = 0) -> dict[str, Path]:
-    """Sample ``prompts`` (T2I) and caption / answer ``images`` with ``pipe``; write the two PNG
-    panels into ``out_dir``. ``questions[i]`` / ``truths[i]`` belong to ``images[i]``."""
+                        steps: int, guidance_scale: float, seed: int = 0,
+                        temperature: Sequence[float] = (2.0, 0.0)) -> dict[str, Path]:
+    """Sample ``prompts`` (T2I, with ``guidance_scale`` and ``temperature``) and caption /
+    answer ``images`` with ``pipe``; write the two PNG panels into ``out_dir``.
+    ``questions[i]`` / ``truths[i]`` belong to ``images[i]``."""
     out_dir = Path(out_dir)
     generated = pipe.generate(list(prompts), steps=steps, guidance_scale=guidance_scale,
-                              seed=[seed + i for i in range(len(prompts))])
+                              seed=[seed + i for i in range(len(prompts))],
+                              temperature=temperature)
     t2i = save_png(titled_grid(np.asarray(generated), list(prompts)), out_dir / "t2i.png")
     captions = pipe.caption(np.asarray(images), steps=steps, seed=seed)
     answers = pipe.answer(np.asarray(images), list(questions), steps=steps, seed=seed)
@@ -183,7 +186,7 @@ def run_artifacts(config: Any, pipe: Any, workdir: str | Path, step: int) -> dic
         pipe, workdir / "samples" / str(step), prompts=[e["captions"][0] for e in captions],
         images=np.stack([e["image"] for e in vqa]), questions=[e["question"] for e in vqa],
         truths=[e["answers"][0] for e in vqa], steps=a.steps, guidance_scale=a.guidance_scale,
-        seed=config.eval.seed)
+        seed=config.eval.seed, temperature=a.temperature)
     metrics_file = workdir / "metrics.jsonl"
     if metrics_file.exists():
         curve = loss_curve(read_jsonl(metrics_file), ("loss", "image_loss", "text_loss"),

@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
         dataset="shapes", split="test", limit=64,
         options=ml_collections.ConfigDict(),  # builder options of eval.dataset; {} = data.options
         steps=16, guidance_scale=9.0, batch_size=8, shard_size=32, seed=0, ema=False,
+        # T2I sampling: scale of the Gumbel noise on token confidences, annealed linearly from
+        # the first to the second value over the steps; (0, 0) keeps the most likely tokens
+        temperature=(2.0, 0.0),
         at_end=False,  # also evaluate the final step
     )
     c.optim = dict(
@@ -116,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.artifacts = dict(  # PNGs of the run (muddit_jax/train/artifacts.py)
         every=0,  # 0 = only at the end (if at_end)
         at_end=False, num_prompts=8, num_images=8, steps=16, guidance_scale=4.0,
+        temperature=(2.0, 0.0),  # as eval.temperature
     )
     c.checkpoint = dict(every=500, keep=3, async_save=True, dir="")  # "" = WORKDIR/checkpoints
     c.log = dict(every=10, tensorboard=True, peak_flops_per_device=0.0)  # 0 = from device kind
