@@ -47,6 +47,11 @@ def test_every_stage_runs_and_writes_its_artifacts(run) -> None:
     summary = json.loads((workdir / "eval/30/summary.json").read_text())
     assert {"cider_d", "bleu4", "attribute_accuracy"} <= set(summary["caption"])
     assert "vqa_accuracy" in summary["vqa"] and "overall" in summary["t2i"]
+    by_answer = {k.split("/", 1)[1] for k in summary["vqa"] if k.startswith("answer_type/")}
+    by_question = {k.split("/", 1)[1] for k in summary["vqa"] if k.startswith("question_type/")}
+    assert by_answer and by_answer <= {"yes_no", "number", "other"}
+    assert by_question and by_question <= {"color", "shape", "count", "position", "exists",
+                                           "relation"}
     vq = json.loads((workdir / "vq/eval.json").read_text())
     assert {"psnr", "usage", "perplexity", "recon_detector_overall"} <= set(vq)
     assert 0 < vq["usage"] <= 1 and 0 <= vq["recon_detector_overall"] <= 1

@@ -31,6 +31,11 @@ def test_caption_vqa_t2i_examples(data_dir):
         assert judge(truth.image, ex["objects"])["overall"]
     for ex in caps:
         np.testing.assert_array_equal(ex["image"], shapes.generate(cfg, "test", index(ex)).image)
+    for ex in vqa:  # "test/<index>/<question id = 16 index + k>": question k of that image
+        _, i, q = ex["id"].split("/")
+        qa = shapes.generate(cfg, "test", int(i)).qa[int(q) % 16]
+        assert (ex["question"], ex["question_type"], ex["answer_type"]) == (
+            qa.question, qa.question_type, qa.answer_type)
 
 
 def test_unknown_task_and_missing_ground_truth(data_dir):

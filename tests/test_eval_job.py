@@ -94,6 +94,26 @@ def test_vqa_scoring_and_bad_config(pipe, tmp_path):
     assert example_seeds(["a", "b"], 0) == example_seeds(["a", "b"], 0) != example_seeds(["a", "b"], 1)
 
 
+def test_vqa_accuracy_per_answer_and_question_type():
+    """With VQAv2's type fields the score breaks down by type (official-style), each type the
+    mean of its questions' accuracies; examples without types report the overall only."""
+    from muddit_jax.eval.tasks import metric_slug
+
+    kinds = [("yes/no", "is there"), ("yes/no", "is there"), ("number", "how many"),
+             ("other", "what color is")]
+    examples = [dict(id=i, question="q", answers=[a] * 10, answer_type=at, question_type=qt)
+                for i, ((at, qt), a) in enumerate(zip(kinds, ["yes", "no", "2", "red"]))]
+    preds = {"0": "yes", "1": "yes", "2": "two", "3": "blue"}
+    ev = get_evaluator("vqa", examples, batch_size=1, shard_size=1)
+    assert ev.score(preds, examples) == {
+        "vqa_accuracy": 0.5, "answer_type/yes_no": 0.5, "answer_type/number": 1.0,
+        "answer_type/other": 0.0, "question_type/is_there": 0.5, "question_type/how_many": 1.0,
+        "question_type/what_color_is": 0.0}
+    plain = [{k: v for k, v in e.items() if "type" not in k} for e in examples]
+    assert ev.score(preds, plain) == {"vqa_accuracy": 0.5}
+    assert metric_slug(" what is the ") == "what_is_the"
+
+
 def test_rerun_with_other_settings_recomputes_instead_of_reusing(pipe, tmp_path, monkeypatch):
     """Shards remember what they were predicted under: other steps, seed, options or examples
     never reuse stale predictions (same settings do, see the resume test)."""

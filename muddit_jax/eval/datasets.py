@@ -63,10 +63,16 @@ def eval_examples(
             out.append(ex)
             continue
         vqa = rec.get("vqa") or {}
-        for qid, q, answers in zip(vqa.get("question_id", []), vqa.get("question", []),
-                                   vqa.get("answers", [])):
+        n = len(vqa.get("question_id", []))
+        types = {k: vqa.get(k) if len(vqa.get(k, [])) == n else [""] * n
+                 for k in ("question_type", "answer_type")}
+        for qid, q, answers, qtype, atype in zip(
+            vqa.get("question_id", []), vqa.get("question", []), vqa.get("answers", []),
+            types["question_type"], types["answer_type"],
+        ):
             out.append(dict(id=f"{rid}/{int(qid)}", image=image, question=as_str(q),
-                            answers=[as_str(a) for a in answers]))
+                            answers=[as_str(a) for a in answers], question_type=as_str(qtype),
+                            answer_type=as_str(atype)))
     if not out:
         raise ValueError(f"no {task} examples in {dataset}/{split} (limit={limit})")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 from muddit_jax.eval.base import Evaluator, Example, register, stack_images
@@ -34,7 +35,11 @@ class CaptionEvaluator(Evaluator):
 
 @register("vqa")
 class VQAEvaluator(Evaluator):
-    """Examples: ``{"id", "image", "question": str, "answers": [10 human answers]}``."""
+    """Examples: ``{"id", "image", "question": str, "answers": [10 human answers]}``, optionally
+    with ``"answer_type"`` / ``"question_type"`` (VQAv2's fields; ``shapes`` has them too): then
+    the mean accuracy per type is reported as well, as ``answer_type/<type>`` and
+    ``question_type/<type>`` (characters other than letters, digits, ``_.-`` become ``_``), the
+    breakdown of the official VQAv2 evaluation."""
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
         questions = [e["question"] for e in batch]
@@ -42,5 +47,19 @@ class VQAEvaluator(Evaluator):
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         answers = {str(e["id"]): list(e["answers"]) for e in examples}
-        mean, _ = vqa_score({i: predictions[i] for i in answers}, answers, normalize_humans=True)
-        return {"vqa_accuracy": mean}
+        mean, per = vqa_score({i: predictions[i] for i in answers}, answers,
+                              normalize_humans=True)
+        out = {"vqa_accuracy": mean}
+        for field in ("answer_type", "question_type"):
+            groups: dict[str, list[float]] = {}
+            for e in examples:
+                if e.get(field):
+                    groups.setdefault(metric_slug(e[field]), []).append(per[str(e["id"])])
+            out.update({f"{field}/{t}": sum(v) / len(v) for t, v in sorted(groups.items())})
+        return out
+
+
+def metric_slug(name: str) -> str:
+    """``name`` as a metric-name component: ``yes/no`` -> ``yes_no``, ``what is the`` ->
+    ``what_is_the``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name.strip())
