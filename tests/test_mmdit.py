@@ -353,3 +353,25 @@ def test_image_pos_embed_option():
     assert float(jnp.abs(with_table - without).max()) > 1e-4
     assert "image_pos_embed" not in MMDiTConfig(**BASE).to_hf_config()
     assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
+
+
+def test_tiny_head_dim_option():
+    """``model.head_dim`` (tiny preset) sets the head width and count and splits the rotary
+    channels 1:3:3; bad values name the field."""
+    from muddit_jax.models.muddit import MudditConfig
+    from muddit_jax.train.config import base_config, model_config
+
+    c = base_config()
+    c.model.update(width=128, head_dim=64)
+    m = model_config(c).mmdit
+    assert (m.attention_head_dim, m.num_attention_heads, m.axes_dims_rope) == (64, 2, (16, 24, 24))
+    assert MudditConfig.tiny(64).mmdit.axes_dims_rope == (4, 6, 6)  # the default: 16-wide heads
+    cfg = dataclasses.replace(MMDiTConfig(**BASE), attention_head_dim=32, num_attention_heads=1,
+                              axes_dims_rope=(8, 12, 12))
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    variables = MMDiT(cfg).init(jax.random.key(0), *inputs)
+    logits, _ = MMDiT(cfg).apply(variables, *inputs)
+    assert logits.shape[:3] == (inputs[0].shape[0], H, W) and bool(jnp.isfinite(logits).all())
+    for bad in (24, 48, 256):
+        with pytest.raises(ValueError, match="head_dim"):
+            MudditConfig.tiny(64, width=128, head_dim=bad)

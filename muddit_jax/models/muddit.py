@@ -58,8 +58,14 @@ class MudditConfig:
             raise ValueError("invalid MudditConfig: " + "; ".join(problems))
 
     @classmethod
-    def tiny(cls, text_vocab_size: int, *, codebook_size: int = 64, width: int = 64) -> "MudditConfig":
-        """A small CPU-sized model (2+2 MM-DiT blocks, 4x-downsampling VQ)."""
+    def tiny(cls, text_vocab_size: int, *, codebook_size: int = 64, width: int = 64,
+             head_dim: int = 16) -> "MudditConfig":
+        """A small CPU-sized model (2+2 MM-DiT blocks of ``width // head_dim`` heads, 4x-downsampling
+        VQ). ``head_dim`` is a multiple of 16 dividing ``width``; the rotary channels split
+        1:3:3 over (text, row, column) as Flux's (16, 56, 56) does."""
+        if head_dim < 16 or head_dim % 16 or width % head_dim:
+            raise ValueError(f"head_dim={head_dim} must be a multiple of 16 that divides "
+                             f"width={width}")
         text = CLIPTextConfig.tiny(text_vocab_size, hidden_size=width, projection_dim=width,
                                    intermediate_size=2 * width, max_position_embeddings=16)
         vq = VQConfig(
@@ -67,10 +73,11 @@ class MudditConfig:
             up_block_types=(UP_BLOCK,) * 3, latent_channels=8, norm_num_groups=8,
             num_vq_embeddings=codebook_size, mid_block_add_attention=False,
         )
-        heads = width // 16
         mmdit = MMDiTConfig(
-            num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=heads,
-            joint_attention_dim=width, pooled_projection_dim=width, axes_dims_rope=(4, 6, 6),
+            num_layers=2, num_single_layers=2, attention_head_dim=head_dim,
+            num_attention_heads=width // head_dim, joint_attention_dim=width,
+            pooled_projection_dim=width,
+            axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
             vocab_size=codebook_size + 1, codebook_size=codebook_size,
             tokenizer_vocab_size=text_vocab_size,
         )

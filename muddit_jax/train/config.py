@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: vocabularies, width and depths (MM-DiT dual / single blocks, text layers)
         text_vocab_size=64, codebook_size=16, width=32, dual_layers=2, single_layers=2,
         text_layers=2,
+        # tiny only: MM-DiT attention head width (heads = width // head_dim); with QK RMSNorm
+        # an attention logit is at most sqrt(head_dim) x the norms' gains, so narrow heads
+        # attend softly
+        head_dim=16,
         # tiny only: Meissonic's 2x down/up-sampling around the blocks (UViT embed at the code
         # grid, transformer on a grid half as wide, the MLM head back at the code grid)
         downsample=False,
@@ -163,7 +167,8 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
 def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     m = c.model
     if m.preset == "tiny":
-        cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width)
+        cfg = MudditConfig.tiny(m.text_vocab_size, codebook_size=m.codebook_size, width=m.width,
+                                head_dim=m.head_dim)
         positions = max(cfg.text.max_position_embeddings, int(c.data.text_length))
         levels = len(m.vq_channels)
         vq = dataclasses.replace(
