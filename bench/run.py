@@ -16,7 +16,7 @@ from typing import Any
 
 from bench import common
 
-BENCHMARKS = ("train_step", "sampler", "compile_memory", "scaling", "gpu")
+BENCHMARKS = ("train_step", "sampler", "compile_memory", "scaling", "gpu", "binding")
 
 
 def run_one(name: str, smoke: bool, out: Path) -> common.Row:

@@ -96,3 +96,35 @@ def test_run_collects_results(tmp_path):
                     "--json", str(tmp_path / "all.json")])
     assert [r["benchmark"] for r in _rows(out)] == ["gpu"]
     assert "gpu" in json.loads((tmp_path / "all.json").read_text())["results"]
+
+
+def test_binding(tmp_path):
+    from bench import binding
+
+    rows = _rows(_run(binding, tmp_path))
+    assert [r["task"] for r in rows] == ["copy", "image", "bind",
+                                         "bind (plain transformer baseline)"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 5 for r in rows)
+    assert [r["chance"] for r in rows] == [1 / 8, 0.5, 0.5, 0.5]
+
+
+def test_binding_batches_pose_the_three_tasks():
+    """The toy's ground truth: ``bind`` answers yes exactly when the asked colour is in the
+    image, ``image`` always asks about colour 0, ``copy`` answers with the asked colour's word."""
+    import numpy as np
+
+    from bench import binding as b
+
+    rng = np.random.default_rng(0)
+    for task in b.TASKS:
+        batch = {k: np.asarray(v) for k, v in b.make_batch(task, 3, rng).items()}
+        text, image = batch["text_ids"], batch["image_ids"].reshape(b.BATCH, -1)
+        asked = text[:, 2] - b.COLOUR_WORD
+        assert ((image > 0).sum(1) == 2).all()
+        present = (image == asked[:, None] + 1).any(1)
+        if task == "copy":
+            np.testing.assert_array_equal(text[:, b.ANSWER], b.COPY_WORD + asked)
+        else:
+            np.testing.assert_array_equal(text[:, b.ANSWER] == b.YES, present)
+            assert 0 < present.mean() < 1
+        assert (asked == 0).all() == (task == "image")

@@ -1,0 +1,188 @@
+"""Benchmark 6: can the tiny MM-DiT learn to bind a question word to image content?
+
+A toy VQA over ``grid x grid`` token images holding two coloured tokens (``colours`` classes) on
+a blank background, trained with the I2T side of :func:`diffusion_loss` (answer region masked,
+question visible). Three tasks, each from its own random init, same model, optimizer and steps:
+
+* ``copy``: the answer is a word determined by the question's colour word (text -> answer);
+* ``image``: "is colour 0 present?" (image -> answer, the question is constant);
+* ``bind``: "is colour c present?" for a random ``c`` (the answer needs both: neither the
+  question nor the image alone says anything about it, so no single-input feature helps).
+
+The table reports held-out answer accuracy (chance 1/2 for the yes/no tasks). The baseline row
+trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
+modality embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
+``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
+BENCHMARKS.md §1.2.
+
+``python -m bench.binding [--smoke] [--steps N] [--grid G] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+
+from bench import common
+from muddit_jax.diffusion.loss import LossConfig, diffusion_loss
+from muddit_jax.models.muddit import Muddit, MudditConfig
+
+Row = dict[str, Any]
+TASKS = ("copy", "image", "bind")
+COLOURS, LENGTH, BATCH, VOCAB = 8, 8, 32, 32
+BOS, EOS, QUESTION, YES, NO, COLOUR_WORD, COPY_WORD, MASK = 2, 3, 4, 5, 6, 10, 18, 31
+ANSWER = 3  # text = <bos> question colour-word answer <eos>
+
+
+def make_batch(task: str, grid: int, rng: np.random.Generator) -> dict[str, jax.Array]:
+    """One batch of ``task``: images with two coloured tokens, question, answer."""
+    asked = np.zeros(BATCH, np.int64) if task == "image" else rng.integers(0, COLOURS, BATCH)
+    present = rng.integers(0, 2, BATCH).astype(bool)
+    image = np.zeros((BATCH, grid * grid), np.int64)
+    for i in range(BATCH):
+        colours = rng.choice([c for c in range(COLOURS) if c != asked[i]], 2, replace=False)
+        if present[i]:
+            colours[0] = asked[i]
+        image[i, rng.choice(grid * grid, 2, replace=False)] = colours + 1
+    answer = COPY_WORD + asked if task == "copy" else np.where(present, YES, NO)
+    text = np.zeros((BATCH, LENGTH), np.int64)
+    text[:, :5] = np.stack([np.full(BATCH, BOS), np.full(BATCH, QUESTION), COLOUR_WORD + asked,
+                            answer, np.full(BATCH, EOS)], 1)
+    maskable = np.zeros((BATCH, LENGTH), bool)
+    maskable[:, ANSWER:ANSWER + 2] = True
+    return dict(image_ids=jnp.asarray(image.reshape(BATCH, grid, grid), jnp.int32),
+                text_ids=jnp.asarray(text, jnp.int32), text_valid=jnp.asarray(text != 0),
+                text_maskable=jnp.asarray(maskable), micro_conds=jnp.full((BATCH, 5), 16.0))
+
+
+def model(width: int) -> Muddit:
+    """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder)."""
+    cfg = MudditConfig.tiny(VOCAB, codebook_size=COLOURS + 1, width=width)
+    text = dataclasses.replace(cfg.text, num_hidden_layers=1, max_position_embeddings=LENGTH)
+    return Muddit(dataclasses.replace(cfg, text=text))
+
+
+def train_task(task: str, *, steps: int, grid: int, width: int, lr: float, seed: int = 0) -> Row:
+    """Train a fresh model on ``task`` for ``steps`` and score its answers on held-out batches."""
+    net, rng = model(width), np.random.default_rng(seed)
+    config = LossConfig(image_mask_id=COLOURS + 1, text_mask_id=MASK, t2i_fraction=0.0,
+                        empty_text_ids=(BOS, EOS) + (0,) * (LENGTH - 2), cond_dropout=0.0)
+    probe = make_batch(task, grid, rng)
+    params = net.init(jax.random.key(seed), probe["image_ids"], probe["text_ids"],
+                      jnp.ones((BATCH,)), probe["micro_conds"])["params"]
+    tx = optax.adam(lr)
+
+    def forward(p: Any, *args: jax.Array) -> Any:
+        return net.apply({"params": p}, *args)
+
+    @jax.jit
+    def step(params: Any, opt: Any, batch: dict, key: jax.Array) -> tuple[Any, Any]:
+        grads, _ = jax.grad(lambda p: diffusion_loss(forward_fn=forward, params=p, batch=batch,
+                                                     rng=key, config=config), has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    @jax.jit
+    def correct(params: Any, batch: dict) -> jax.Array:
+        blank = batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
+        _, logits = forward(params, batch["image_ids"], blank, jnp.ones((BATCH,)),
+                            batch["micro_conds"])
+        return jnp.sum(jnp.argmax(logits[:, ANSWER], -1) == batch["text_ids"][:, ANSWER])
+
+    opt, start = tx.init(params), time.perf_counter()
+    for i in range(steps):
+        params, opt = step(params, opt, make_batch(task, grid, rng), jax.random.key(i))
+    accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid)
+    return dict(task=task, steps=steps, grid=grid, width=width, lr=lr,
+                chance=1 / COLOURS if task == "copy" else 0.5, accuracy=accuracy,
+                train_s_with_compile=time.perf_counter() - start)
+
+
+class PlainTransformer(nn.Module):
+    """The baseline: ``[text; image]`` tokens with learned positions and a modality embedding,
+    ``depth`` pre-LN blocks, a linear head on the text positions."""
+
+    width: int
+    depth: int = 4
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, text: jax.Array, image: jax.Array) -> jax.Array:
+        b, n_img = image.shape[0], image.shape[1] * image.shape[2]
+        t = nn.Embed(VOCAB, self.width)(text) + nn.Embed(LENGTH, self.width)(jnp.arange(LENGTH))
+        i = (nn.Embed(COLOURS + 2, self.width)(image.reshape(b, n_img))
+             + nn.Embed(n_img, self.width)(jnp.arange(n_img))
+             + self.param("image_type", nn.initializers.normal(0.02), (self.width,)))
+        x = jnp.concatenate([t, i], 1)
+        for _ in range(self.depth):
+            x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x))
+            h = nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x)))
+            x = x + nn.Dense(self.width)(h)
+        return nn.Dense(VOCAB)(nn.LayerNorm()(x[:, :LENGTH]))
+
+
+def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 0) -> Row:
+    """:class:`PlainTransformer` on ``bind``: cross-entropy on the masked answer."""
+    net, rng = PlainTransformer(width), np.random.default_rng(seed)
+
+    def blank(batch: dict) -> jax.Array:
+        return batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
+
+    probe = make_batch("bind", grid, rng)
+    params = net.init(jax.random.key(seed), blank(probe), probe["image_ids"])
+    tx = optax.adam(lr)
+
+    def loss(p: Any, batch: dict) -> jax.Array:
+        logits = net.apply(p, blank(batch), batch["image_ids"])[:, ANSWER]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["text_ids"][:, ANSWER]).mean()
+
+    @jax.jit
+    def step(params: Any, opt: Any, batch: dict) -> tuple[Any, Any]:
+        updates, opt = tx.update(jax.grad(loss)(params, batch), opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    @jax.jit
+    def correct(params: Any, batch: dict) -> jax.Array:
+        logits = net.apply(params, blank(batch), batch["image_ids"])[:, ANSWER]
+        return jnp.sum(jnp.argmax(logits, -1) == batch["text_ids"][:, ANSWER])
+
+    opt, start = tx.init(params), time.perf_counter()
+    for _ in range(steps):
+        params, opt = step(params, opt, make_batch("bind", grid, rng))
+    return dict(task="bind (plain transformer baseline)", steps=steps, grid=grid, width=width,
+                lr=lr, chance=0.5, accuracy=held_out_accuracy(lambda b: correct(params, b), "bind", grid),
+                train_s_with_compile=time.perf_counter() - start)
+
+
+def held_out_accuracy(correct: Any, task: str, grid: int) -> float:
+    """Answer accuracy over 8 held-out batches of ``task`` (fixed seeds); ``correct(batch)``
+    counts the right answers of one batch."""
+    batches = [make_batch(task, grid, np.random.default_rng(10_000 + i)) for i in range(8)]
+    return sum(int(correct(b)) for b in batches) / (8 * BATCH)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--grid", type=int, default=2, help="image tokens per side")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args(argv)
+    steps, width = (5, 32) if args.smoke else (args.steps, args.width)
+    rows = [train_task(t, steps=steps, grid=args.grid, width=width, lr=args.lr) for t in TASKS]
+    rows.append(train_baseline(steps=steps, grid=args.grid, width=width, lr=args.lr))
+    return common.finish("binding", args, {"answer accuracy after training": (rows, None)})
+
+
+if __name__ == "__main__":
+    common.reexec_with_host_env("bench.binding")
+    main()
