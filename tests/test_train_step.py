@@ -207,3 +207,17 @@ def test_trainable_names_validated() -> None:
     cfg.train.trainable = "mmdit,vq"
     with pytest.raises(ValueError, match="train.trainable"):
         C.trainable(cfg)
+
+
+def test_loss_ratio_floor_reaches_the_loss() -> None:
+    """``loss.ratio_floor`` (the floor of r in the 1/r weight) is a config field: upstream's 1e-3
+    by default, overridable."""
+    from muddit_jax.train.config import base_config, loss_config, model_config
+
+    cfg = base_config()
+    assert loss_config(cfg, model_config(cfg)).ratio_floor == 1e-3
+    cfg.loss.ratio_floor = 0.2
+    assert loss_config(cfg, model_config(cfg)).ratio_floor == 0.2
+    cfg.loss.ratio_floor = 0.0
+    with pytest.raises(ValueError, match="ratio_floor"):
+        loss_config(cfg, model_config(cfg))

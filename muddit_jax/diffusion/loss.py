@@ -84,6 +84,9 @@ class LossConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 < self.ratio_floor <= 1.0:
+            raise ValueError(f"ratio_floor={self.ratio_floor} must be in (0, 1] (upstream 1e-3; "
+                             "1 = no 1/r weighting)")
         get_schedule(self.schedule)
 
 

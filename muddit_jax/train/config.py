@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = dict(
         text_loss_weight=0.6, min_mask_rate=0.0, mode="split", weighting="muddit",
+        # floor of r in the 1/r weight (upstream 1e-3); see BENCHMARKS.md §1.2
+        ratio_floor=1e-3,
         schedule="cosine", cond_dropout=0.1, text_pad_is_target=False,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
