@@ -12,8 +12,7 @@ question visible). Three tasks, each from its own random init, same model, optim
 The table reports held-out answer accuracy (chance 1/2 for the yes/no tasks). The loss weights
 each row by ``1 / max(r, ratio_floor)``; with upstream's floor (1e-3) and answers of one or two
 tokens, a row with tiny ``r`` still masks one token and weighs it up to 1000x. One extra row
-repeats ``bind`` with ``--ratio-floor`` (default 0.2). The baseline row
-trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
+repeats ``bind`` with ``--ratio-floor`` (default 0.2). The baseline row trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
 modality embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
 ``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
 BENCHMARKS.md §1.2.
@@ -28,9 +27,9 @@ import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 import optax
 
@@ -67,6 +66,11 @@ def make_batch(task: str, grid: int, rng: np.random.Generator) -> dict[str, jax.
                 text_maskable=jnp.asarray(maskable), micro_conds=jnp.full((BATCH, 5), 16.0))
 
 
+def blank_answer(batch: dict) -> jax.Array:
+    """The batch's text with the answer region (answer + eos) masked: what both models see."""
+    return batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
+
+
 def model(width: int) -> Muddit:
     """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder)."""
     cfg = MudditConfig.tiny(VOCAB, codebook_size=COLOURS + 1, width=width)
@@ -99,8 +103,7 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
 
     @jax.jit
     def correct(params: Any, batch: dict) -> jax.Array:
-        blank = batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
-        _, logits = forward(params, batch["image_ids"], blank, jnp.ones((BATCH,)),
+        _, logits = forward(params, batch["image_ids"], blank_answer(batch), jnp.ones((BATCH,)),
                             batch["micro_conds"])
         return jnp.sum(jnp.argmax(logits[:, ANSWER], -1) == batch["text_ids"][:, ANSWER])
 
@@ -139,16 +142,12 @@ class PlainTransformer(nn.Module):
 def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 0) -> Row:
     """:class:`PlainTransformer` on ``bind``: cross-entropy on the masked answer."""
     net, rng = PlainTransformer(width), np.random.default_rng(seed)
-
-    def blank(batch: dict) -> jax.Array:
-        return batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
-
     probe = make_batch("bind", grid, rng)
-    params = net.init(jax.random.key(seed), blank(probe), probe["image_ids"])
+    params = net.init(jax.random.key(seed), blank_answer(probe), probe["image_ids"])
     tx = optax.adam(lr)
 
     def loss(p: Any, batch: dict) -> jax.Array:
-        logits = net.apply(p, blank(batch), batch["image_ids"])[:, ANSWER]
+        logits = net.apply(p, blank_answer(batch), batch["image_ids"])[:, ANSWER]
         return optax.softmax_cross_entropy_with_integer_labels(
             logits, batch["text_ids"][:, ANSWER]).mean()
 
@@ -159,15 +158,15 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
 
     @jax.jit
     def correct(params: Any, batch: dict) -> jax.Array:
-        logits = net.apply(params, blank(batch), batch["image_ids"])[:, ANSWER]
+        logits = net.apply(params, blank_answer(batch), batch["image_ids"])[:, ANSWER]
         return jnp.sum(jnp.argmax(logits, -1) == batch["text_ids"][:, ANSWER])
 
     opt, start = tx.init(params), time.perf_counter()
     for _ in range(steps):
         params, opt = step(params, opt, make_batch("bind", grid, rng))
+    accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
     return dict(task="bind (plain transformer baseline)", ratio_floor=None, steps=steps,
-                grid=grid, width=width,
-                lr=lr, chance=0.5, accuracy=held_out_accuracy(lambda b: correct(params, b), "bind", grid),
+                grid=grid, width=width, lr=lr, chance=0.5, accuracy=accuracy,
                 train_s_with_compile=time.perf_counter() - start)
 
 

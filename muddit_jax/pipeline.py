@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muddit_jax.diffusion.sampler import SamplerConfig, sample
+from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE, SamplerConfig, sample
 from muddit_jax.models.muddit import Muddit, MudditConfig
 from muddit_jax.models.tokenizers import Tokenizer
 from muddit_jax.models.vq import VQModel
@@ -147,7 +147,7 @@ class MudditPipeline:
         steps: int = 16,
         guidance_scale: float | None = 9.0,
         seed: Seed = 0,
-        temperature: tuple[float, float] = (2.0, 0.0),
+        temperature: tuple[float, float] = CONFIDENCE_TEMPERATURE,
         images: Any = None,
         keep: Any = None,
         return_codes: bool = False,
@@ -166,7 +166,7 @@ class MudditPipeline:
         cfg = SamplerConfig(
             num_steps=_check_steps(steps), mask_id=self.config.mmdit.mask_token_id,
             vocab_limit=self.config.mmdit.codebook_size,
-            temperature=_check_temperature(temperature),
+            temperature=_float_tuple(temperature, "temperature"),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
@@ -360,15 +360,14 @@ def _check_steps(steps: int) -> int:
     return int(steps)
 
 
-def _check_temperature(temperature: Any) -> tuple[float, float]:
+def _float_tuple(values: Any, field: str) -> tuple[float, ...]:
+    """``values`` (any sequence of numbers) as a hashable tuple of floats for
+    :class:`SamplerConfig`, which checks their count and range."""
     try:
-        pair = tuple(float(x) for x in temperature)
+        return tuple(float(x) for x in values)
     except (TypeError, ValueError):
-        pair = ()
-    if len(pair) != 2 or not all(np.isfinite(x) and x >= 0 for x in pair):
-        raise ValueError(f"temperature must be (start, end): two finite numbers >= 0, e.g. "
-                         f"(2.0, 0.0) or (0, 0) for no confidence noise; got {temperature!r}")
-    return pair
+        raise ValueError(f"{field} must be a sequence of numbers such as (2.0, 0.0); "
+                         f"got {values!r}") from None
 
 
 def _check_images(images: Any, size: int) -> np.ndarray:

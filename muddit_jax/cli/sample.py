@@ -38,15 +38,14 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The pipeline of ``--workdir`` or ``--checkpoint`` and its T2I sampling options
-    (``guidance_scale``, ``temperature``): the flags, else the run's ``eval`` settings, else the
-    pipeline defaults."""
+    (``guidance_scale``, ``temperature``): the flags, else the run's ``eval`` settings; with
+    ``--checkpoint`` only the flags given (the pipeline's defaults fill the rest)."""
     t2i = dict(guidance_scale=args.guidance_scale, temperature=args.temperature)
     if args.checkpoint:
         from muddit_jax.pipeline import MudditPipeline
 
         pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
-        defaults = dict(guidance_scale=9.0, temperature=(2.0, 0.0))
-        return pipe, {k: defaults[k] if v is None else v for k, v in t2i.items()}
+        return pipe, {k: v for k, v in t2i.items() if v is not None}
     from muddit_jax.eval.job import build_pipeline
     from muddit_jax.train.checkpoint import load_params
     from muddit_jax.train.stages import saved_config

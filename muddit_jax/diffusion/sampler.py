@@ -37,6 +37,8 @@ Array = jax.Array
 LogitsFn = Callable[[Any, Array, Array], Array]
 
 SAMPLING = ("multinomial", "argmax", "top_k", "top_p")
+# (start, end) scale of the Gumbel noise on token confidences, annealed linearly over the steps
+CONFIDENCE_TEMPERATURE = (2.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ class SamplerConfig:
     num_steps: int
     mask_id: int
     schedule: str = "cosine"
-    temperature: tuple[float, float] = (2.0, 0.0)
+    temperature: tuple[float, float] = CONFIDENCE_TEMPERATURE
     sampling: str = "multinomial"
     top_k: int = 0
     top_p: float = 1.0

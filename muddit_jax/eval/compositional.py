@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from muddit_jax.data import shapes
+from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.eval.base import Evaluator, Example, register
 
 FILL_SQUARE, FILL_CIRCLE, FILL_TRIANGLE = 1.0, np.pi / 4, 0.5
@@ -133,7 +134,8 @@ class CompositionalT2IEvaluator(Evaluator):
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),
                                guidance_scale=self.options.get("guidance_scale", 9.0),
-                               temperature=self.options.get("temperature", (2.0, 0.0)))
+                               temperature=self.options.get("temperature",
+                                                            CONFIDENCE_TEMPERATURE))
         return [judge(img, e["objects"]) for img, e in zip(images, batch)]
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.files import write_bytes_atomic
 
 CELL = 128  # pixels per image cell
@@ -146,7 +147,8 @@ def loss_curve(metrics: Mapping[int, Mapping[str, float]], keys: Sequence[str], 
 def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str],
                         images: np.ndarray, questions: Sequence[str], truths: Sequence[str],
                         steps: int, guidance_scale: float, seed: int = 0,
-                        temperature: Sequence[float] = (2.0, 0.0)) -> dict[str, Path]:
+                        temperature: Sequence[float] = CONFIDENCE_TEMPERATURE
+                        ) -> dict[str, Path]:
     """Sample ``prompts`` (T2I, with ``guidance_scale`` and ``temperature``) and caption /
     answer ``images`` with ``pipe``; write the two PNG panels into ``out_dir``.
     ``questions[i]`` / ``truths[i]`` belong to ``images[i]``."""

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from muddit_jax.diffusion.loss import LossConfig
+from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.models import presets
 from muddit_jax.models.muddit import MudditConfig
 from muddit_jax.models.text_encoder import CLIPTextConfig
@@ -96,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
         steps=16, guidance_scale=9.0, batch_size=8, shard_size=32, seed=0, ema=False,
         # T2I sampling: scale of the Gumbel noise on token confidences, annealed linearly from
         # the first to the second value over the steps; (0, 0) keeps the most likely tokens
-        temperature=(2.0, 0.0),
+        temperature=CONFIDENCE_TEMPERATURE,
         at_end=False,  # also evaluate the final step
     )
     c.optim = dict(
@@ -125,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.artifacts = dict(  # PNGs of the run (muddit_jax/train/artifacts.py)
         every=0,  # 0 = only at the end (if at_end)
         at_end=False, num_prompts=8, num_images=8, steps=16, guidance_scale=4.0,
-        temperature=(2.0, 0.0),  # as eval.temperature
+        temperature=CONFIDENCE_TEMPERATURE,  # as eval.temperature
     )
     c.checkpoint = dict(every=500, keep=3, async_save=True, dir="")  # "" = WORKDIR/checkpoints
     c.log = dict(every=10, tensorboard=True, peak_flops_per_device=0.0)  # 0 = from device kind
