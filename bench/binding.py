@@ -11,8 +11,9 @@ question visible). Three tasks, each from its own random init, same model, optim
 
 The table reports held-out answer accuracy (chance 1/2 for the yes/no tasks). The loss weights
 each row by ``1 / max(r, ratio_floor)``; with upstream's floor (1e-3) and answers of one or two
-tokens, a row with tiny ``r`` still masks one token and weighs it up to 1000x. One extra row
-repeats ``bind`` with ``--ratio-floor`` (default 0.2). The baseline row trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
+tokens, a row with tiny ``r`` still masks one token and weighs it up to 1000x. Two extra rows
+repeat ``bind`` with ``--ratio-floor`` (default 0.2) and with ``loss.weighting="count"`` (the
+realised ``n / k``: a one-token answer always weighs 1). The baseline row trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
 modality embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
 ``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
 BENCHMARKS.md §1.2.
@@ -79,13 +80,15 @@ def model(width: int) -> Muddit:
 
 
 def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
-               ratio_floor: float = UPSTREAM_FLOOR, seed: int = 0) -> Row:
-    """Train a fresh model on ``task`` for ``steps`` (loss weight ``1 / max(r, ratio_floor)``)
-    and score its answers on held-out batches."""
+               ratio_floor: float = UPSTREAM_FLOOR, weighting: str = "muddit",
+               seed: int = 0) -> Row:
+    """Train a fresh model on ``task`` for ``steps`` (loss weight ``1 / max(r, ratio_floor)``,
+    or the realised ``n / k`` for ``weighting="count"``) and score its answers on held-out
+    batches."""
     net, rng = model(width), np.random.default_rng(seed)
     config = LossConfig(image_mask_id=COLOURS + 1, text_mask_id=MASK, t2i_fraction=0.0,
                         empty_text_ids=(BOS, EOS) + (0,) * (LENGTH - 2), cond_dropout=0.0,
-                        ratio_floor=ratio_floor)
+                        ratio_floor=ratio_floor, weighting=weighting)
     probe = make_batch(task, grid, rng)
     params = net.init(jax.random.key(seed), probe["image_ids"], probe["text_ids"],
                       jnp.ones((BATCH,)), probe["micro_conds"])["params"]
@@ -111,7 +114,7 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
     for i in range(steps):
         params, opt = step(params, opt, make_batch(task, grid, rng), jax.random.key(i))
     accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid)
-    return dict(task=task, ratio_floor=ratio_floor, steps=steps, grid=grid, width=width, lr=lr,
+    return dict(task=task, weighting=weighting, ratio_floor=ratio_floor, steps=steps, grid=grid, width=width, lr=lr,
                 chance=1 / COLOURS if task == "copy" else 0.5, accuracy=accuracy,
                 train_s_with_compile=time.perf_counter() - start)
 
@@ -165,7 +168,8 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
     for _ in range(steps):
         params, opt = step(params, opt, make_batch("bind", grid, rng))
     accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
-    return dict(task="bind (plain transformer baseline)", ratio_floor=None, steps=steps,
+    return dict(task="bind (plain transformer baseline)", weighting=None, ratio_floor=None,
+                steps=steps,
                 grid=grid, width=width, lr=lr, chance=0.5, accuracy=accuracy,
                 train_s_with_compile=time.perf_counter() - start)
 
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kw = dict(steps=steps, grid=args.grid, width=width, lr=args.lr)
     rows = [train_task(t, **kw) for t in TASKS]
     rows.append(train_task("bind", ratio_floor=args.ratio_floor, **kw))
+    rows.append(train_task("bind", weighting="count", **kw))
     rows.append(train_baseline(**kw))
     return common.finish("binding", args, {"answer accuracy after training": (rows, None)})
 

@@ -212,6 +212,28 @@ def test_elbo_weighting_relates_to_muddit_weighting() -> None:
     assert_close(mm["image_loss"], (per_img / np.maximum(r, 1e-3))[:2].mean(), 1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_count_weighting_uses_the_realised_mask_fraction(seed: int) -> None:
+    """``weighting="count"``: ``n_maskable / n_masked`` per row, so a one-token answer region
+    (always exactly one token masked) weighs its CE the same at every ``r``, where the Muddit
+    weight ``1 / r`` varies up to 1000x."""
+    batch = make_batch(seed)
+    answer = np.zeros((B, L), bool)
+    answer[:, 2] = True  # one maskable text token per row
+    batch["text_maskable"] = jnp.asarray(answer)
+    f = Recorder(uniform_logits)
+    _, m = run(f, batch, seed=seed, weighting="count")
+    img_in, txt_in, r = f.calls[0]
+    n_img = (img_in == IMG_MASK).reshape(B, -1).sum(-1)
+    np.testing.assert_array_equal((txt_in == TXT_MASK)[2:], answer[2:])
+    # image rows: (h*w / k) * k * log V / (h*w) = log V whatever r; text rows: (1/1) log V / L
+    assert np.all(n_img[:2] >= 1)
+    assert_close(m["image_loss"], math.log(V_IMG), 1e-5)
+    assert_close(m["text_loss"], math.log(V_TXT) / L, 1e-5)
+    _, mm = run(Recorder(uniform_logits), batch, seed=seed)
+    assert_close(mm["text_loss"], (math.log(V_TXT) / L / np.maximum(r, 1e-3))[2:].mean(), 1e-5)
+
+
 def test_joint_mode_masks_both_modalities_in_every_row() -> None:
     batch = make_batch(8)
     f = Recorder(uniform_logits)
@@ -257,7 +279,7 @@ class ToyModel:
         return jnp.tanh(hi) @ p["img_out"], jnp.tanh(ht) @ p["txt_out"]
 
 
-@pytest.mark.parametrize("weighting", ["muddit", "elbo"])
+@pytest.mark.parametrize("weighting", ["muddit", "elbo", "count"])
 def test_jit_matches_eager_and_grads_finite(weighting: str) -> None:
     batch = make_batch(9)
     params = ToyModel.init(jax.random.PRNGKey(0))

@@ -209,9 +209,9 @@ def test_trainable_names_validated() -> None:
         C.trainable(cfg)
 
 
-def test_loss_ratio_floor_reaches_the_loss() -> None:
-    """``loss.ratio_floor`` (the floor of r in the 1/r weight) is a config field: upstream's 1e-3
-    by default, overridable."""
+def test_loss_ratio_floor_and_weighting_reach_the_loss() -> None:
+    """``loss.ratio_floor`` (the floor of r in the 1/r weight) and ``loss.weighting`` are config
+    fields: upstream's 1e-3 and "muddit" by default, overridable, validated."""
     from muddit_jax.train.config import base_config, loss_config, model_config
 
     cfg = base_config()
@@ -220,4 +220,10 @@ def test_loss_ratio_floor_reaches_the_loss() -> None:
     assert loss_config(cfg, model_config(cfg)).ratio_floor == 0.2
     cfg.loss.ratio_floor = 0.0
     with pytest.raises(ValueError, match="ratio_floor"):
+        loss_config(cfg, model_config(cfg))
+    cfg.loss.ratio_floor = 1e-3
+    cfg.loss.weighting = "count"
+    assert loss_config(cfg, model_config(cfg)).weighting == "count"
+    cfg.loss.weighting = "counts"
+    with pytest.raises(ValueError, match="weighting must be one of"):
         loss_config(cfg, model_config(cfg))

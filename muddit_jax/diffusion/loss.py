@@ -35,7 +35,7 @@ Array = jax.Array
 ForwardFn = Callable[[Any, Array, Array, Array, Array], tuple[Array, Array]]
 
 MODES = ("split", "joint")
-WEIGHTINGS = ("muddit", "elbo")
+WEIGHTINGS = ("muddit", "elbo", "count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,10 @@ class LossConfig:
       min_mask_rate: ``r = max(r(u), min_mask_rate)``; upstream default 0.0 (Muddit & Meissonic).
       mode: ``"split"`` (first rows T2I, the rest I2T, see ``t2i_fraction``) or ``"joint"``
         (both modalities masked at independent times in every example; beyond the paper).
-      weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``) or ``"elbo"`` (exact MDLM weight).
+      weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``), ``"elbo"`` (exact MDLM weight) or
+        ``"count"`` (``n / k``: maskable positions over the positions actually masked, the
+        realised ratio; equals ``1 / r`` up to rounding, but a row whose ``r`` is far below
+        ``1 / n`` still masks one token and gets weight ``n``, not ``1 / r``).
       schedule: mask-ratio schedule name (see ``schedule.py``).
       cond_dropout: probability of dropping the text condition of T2I examples.
       text_pad_is_target: if True the padding after the eos is maskable/target too, which is
@@ -112,8 +115,13 @@ def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     return ce_sum, n_correct
 
 
-def _weight(u: Array, r: Array, schedule: Schedule, config: LossConfig) -> Array:
-    """Per-example weight multiplying the length-normalised CE: ``[b]``."""
+def _weight(u: Array, r: Array, mask: Array, maskable: Array, schedule: Schedule,
+            config: LossConfig) -> Array:
+    """Per-example weight multiplying the length-normalised CE: ``[b]``. ``mask``/``maskable``
+    ``[b, ...]``: the positions masked and those that could have been."""
+    if config.weighting == "count":
+        axes = tuple(range(1, mask.ndim))
+        return maskable.sum(axes) / jnp.maximum(mask.sum(axes), 1).astype(jnp.float32)
     if config.weighting == "muddit":
         return 1.0 / jnp.maximum(r, config.ratio_floor)
     # Exact NELBO weight at the time of the (possibly clipped) ratio; equals the sampled time
@@ -161,6 +169,7 @@ def diffusion_loss(
         loss_m[i] = w(i) * sum_{masked j} -log p(x_j) / L_m
         w = 1 / max(r, floor)                                  (weighting="muddit")
         w = -alpha'(t) / max(1 - alpha(t), floor), t = 1 - u     (weighting="elbo", MDLM)
+        w = n_maskable[i] / n_masked[i]                          (weighting="count")
 
     ``loss_m`` is averaged over the rows where modality ``m`` is generated, and
     ``loss = image_loss + text_loss_weight * text_loss``. Metrics (scalars): ``loss``,
@@ -223,8 +232,9 @@ def diffusion_loss(
         txt_ce, txt_correct = jnp.zeros((b,)), jnp.zeros((b, l), bool)
     else:
         txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
-    img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, schedule, config)
-    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, schedule, config)
+    img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, img_mask, jnp.ones_like(img_mask),
+                                            schedule, config)
+    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, txt_mask, maskable, schedule, config)
 
     image_loss = _masked_mean(img_loss_i, img_rows)
     text_loss = _masked_mean(txt_loss_i, txt_rows)
