@@ -13,8 +13,9 @@ The table reports held-out answer accuracy (chance 1/2 for the yes/no tasks). Th
 each row by ``1 / max(r, ratio_floor)``; with upstream's floor (1e-3) and answers of one or two
 tokens, a row with tiny ``r`` still masks one token and weighs it up to 1000x. Two extra rows
 repeat ``bind`` with ``--ratio-floor`` (default 0.2) and with ``loss.weighting="count"`` (the
-realised ``n / k``: a one-token answer always weighs 1). The baseline row trains a plain pre-LN transformer encoder (same width, depth and heads; learned positions and a
-modality embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
+realised ``n / k``: a one-token answer always weighs 1). The baseline row trains a plain
+pre-LN transformer encoder (same width, depth and heads; learned positions and a modality
+embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
 ``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
 BENCHMARKS.md §1.2.
 
@@ -43,7 +44,7 @@ TASKS = ("copy", "image", "bind")
 COLOURS, LENGTH, BATCH, VOCAB = 8, 8, 32, 32
 BOS, EOS, QUESTION, YES, NO, COLOUR_WORD, COPY_WORD, MASK = 2, 3, 4, 5, 6, 10, 18, 31
 ANSWER = 3  # text = <bos> question colour-word answer <eos>
-UPSTREAM_FLOOR = 1e-3  # Muddit / Meissonic clamp r at 1e-3 in the 1 / r weight
+UPSTREAM_FLOOR = LossConfig.ratio_floor  # Muddit / Meissonic clamp r at 1e-3 in the 1/r weight
 
 
 def make_batch(task: str, grid: int, rng: np.random.Generator) -> dict[str, jax.Array]:
@@ -114,9 +115,9 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
     for i in range(steps):
         params, opt = step(params, opt, make_batch(task, grid, rng), jax.random.key(i))
     accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid)
-    return dict(task=task, weighting=weighting, ratio_floor=ratio_floor, steps=steps, grid=grid, width=width, lr=lr,
-                chance=1 / COLOURS if task == "copy" else 0.5, accuracy=accuracy,
-                train_s_with_compile=time.perf_counter() - start)
+    return dict(task=task, weighting=weighting, ratio_floor=ratio_floor, steps=steps,
+                grid=grid, width=width, lr=lr, chance=1 / COLOURS if task == "copy" else 0.5,
+                accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
 
 class PlainTransformer(nn.Module):
@@ -169,8 +170,7 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
         params, opt = step(params, opt, make_batch("bind", grid, rng))
     accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
     return dict(task="bind (plain transformer baseline)", weighting=None, ratio_floor=None,
-                steps=steps,
-                grid=grid, width=width, lr=lr, chance=0.5, accuracy=accuracy,
+                steps=steps, grid=grid, width=width, lr=lr, chance=0.5, accuracy=accuracy,
                 train_s_with_compile=time.perf_counter() - start)
 
 

@@ -115,13 +115,12 @@ def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     return ce_sum, n_correct
 
 
-def _weight(u: Array, r: Array, mask: Array, maskable: Array, schedule: Schedule,
+def _weight(u: Array, r: Array, n_masked: Array, n_maskable: Array | int, schedule: Schedule,
             config: LossConfig) -> Array:
-    """Per-example weight multiplying the length-normalised CE: ``[b]``. ``mask``/``maskable``
-    ``[b, ...]``: the positions masked and those that could have been."""
+    """Per-example weight multiplying the length-normalised CE: ``[b]``. ``n_masked [b]``: the
+    positions masked in each row; ``n_maskable`` (``[b]`` or a scalar): those that could be."""
     if config.weighting == "count":
-        axes = tuple(range(1, mask.ndim))
-        return maskable.sum(axes) / jnp.maximum(mask.sum(axes), 1).astype(jnp.float32)
+        return n_maskable / jnp.maximum(n_masked, 1).astype(jnp.float32)
     if config.weighting == "muddit":
         return 1.0 / jnp.maximum(r, config.ratio_floor)
     # Exact NELBO weight at the time of the (possibly clipped) ratio; equals the sampled time
@@ -232,9 +231,10 @@ def diffusion_loss(
         txt_ce, txt_correct = jnp.zeros((b,)), jnp.zeros((b, l), bool)
     else:
         txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
-    img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, img_mask, jnp.ones_like(img_mask),
+    img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, img_mask.sum((1, 2)), h * w,
                                             schedule, config)
-    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, txt_mask, maskable, schedule, config)
+    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, txt_mask.sum(-1), maskable.sum(-1),
+                                      schedule, config)
 
     image_loss = _masked_mean(img_loss_i, img_rows)
     text_loss = _masked_mean(txt_loss_i, txt_rows)

@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.loss = dict(
         # weighting: muddit (1 / max(r, ratio_floor)) | elbo (exact MDLM) | count (n / k, the
-        # realised mask fraction; see BENCHMARKS.md §1.2)
+        # realised mask fraction; see BENCHMARKS.md §1.3)
         text_loss_weight=0.6, min_mask_rate=0.0, mode="split", weighting="muddit",
         # floor of r in the 1/r weight (upstream 1e-3); see BENCHMARKS.md §1.2
         ratio_floor=1e-3,
