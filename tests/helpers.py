@@ -6,6 +6,18 @@ from typing import Any
 
 import numpy as np
 
+# XLA CPU flags for tests: skip the expensive backend passes (the tests compile many small
+# programs once each, so compile time dominates)
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def compile_cache_env(cache_dir: Any, min_compile_s: float) -> dict[str, str]:
+    """Environment variables that give JAX a persistent compilation cache in ``cache_dir``,
+    keeping every program that took at least ``min_compile_s`` to compile."""
+    return dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(min_compile_s),
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
 
 def to_numpy(x: Any) -> np.ndarray:
     """A jax/torch/numpy array as float64 numpy."""

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import FAST_COMPILE_FLAGS, compile_cache_env
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "train_tiny.py")
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -36,13 +38,10 @@ def env(devices: int, cache_dir: str | os.PathLike | None = None) -> dict[str, s
     """Environment of a CPU subprocess with ``devices`` devices (fast, unoptimised XLA codegen;
     a shared persistent compilation cache so repeated programs compile once per session)."""
     e = dict(os.environ)
-    e["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
     e.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
     if cache_dir:
-        e.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        e.update(compile_cache_env(cache_dir, min_compile_s=0))
     return e
 
 
