@@ -23,7 +23,7 @@ def get_config(arg: str | None = None):
     c.data.update(kind="mixture", dataset="shapes", split="train", task="caption",
                   tokenizer="auto", global_batch=32, grid=16, text_length=32, images=True,
                   text_maskable=True)
-    shapes = dict(resolution=32, max_objects=3, textures=("plain",))
+    shapes = dict(resolution=32, max_objects=3, textures=("plain",), object_scale=1.0)
     if "smoke" in flags:
         shapes.update(num_train=256, num_validation=32, num_test=32)
     # one ConfigDict shared by every reader (tokenizer, both mixture sources, evaluation,

@@ -16,14 +16,14 @@ def _objs(scene):
     return [dict(color=o.color, shape=o.shape, size=o.size, bbox=list(o.bbox)) for o in scene.objects]
 
 
-@pytest.mark.parametrize("resolution", [32, 64])
-def test_detector_accepts_real_images(resolution):
-    cfg = shapes.ShapesConfig(resolution=resolution, num_test=N)
+@pytest.mark.parametrize("resolution,scale", [(32, 1.0), (64, 1.0), (32, 1.5)])
+def test_detector_accepts_real_images(resolution, scale):
+    cfg = shapes.ShapesConfig(resolution=resolution, num_test=N, object_scale=scale)
     verdicts = []
     for i in range(N):
         ex = shapes.generate(cfg, "test", i)
         verdicts.append(judge(ex.image, _objs(ex.scene)))
-        dets = detect(ex.image)
+        dets = detect(ex.image, object_scale=scale)
         assert sorted((d.color, d.shape, d.size) for d in dets) == sorted(
             (o.color, o.shape, o.size) for o in ex.scene.objects)
     scores = category_scores(verdicts)

@@ -199,6 +199,31 @@ def test_textures_option_keeps_the_objects_and_flattens_the_background():
     assert textures == set(shapes.TEXTURES)  # the default draws all three
 
 
+def test_object_scale_grows_every_object_and_keeps_the_scene_rules():
+    base = shapes.ShapesConfig(resolution=32, max_objects=3)
+    big = shapes.ShapesConfig(resolution=32, max_objects=3, object_scale=1.5)
+    assert big.name == base.name + "_scale1.5"
+    margin, gap = shapes.margins(32)
+    sides = set()
+    for i in range(60):
+        scene = shapes.generate(big, "train", i).scene
+        assert 1 <= len(scene.objects) <= 3
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.bbox
+            assert x1 - x0 == y1 - y0 == shapes.side(obj.size, 32, 1.5)
+            assert margin <= min(x0, y0) and max(x1, y1) <= 32 - margin
+            sides.add(x1 - x0)
+        for a, b in itertools.combinations(scene.objects, 2):
+            assert shapes._separated(a.bbox, b.bbox, gap)
+    assert sides == {10, 15}  # 6 and 10 px at scale 1
+
+
+@pytest.mark.parametrize("scale", [0, -1.0, 0.3, 3.5])
+def test_bad_object_scale_names_the_field(scale):
+    with pytest.raises(ValueError, match="object_scale"):
+        shapes.ShapesConfig(resolution=32, object_scale=scale)
+
+
 def test_bad_textures_name_the_field():
     with pytest.raises(ValueError, match="textures"):
         shapes.ShapesConfig(textures=("stripes",))

@@ -7,6 +7,7 @@ split_id, index]``): builds are reproducible byte for byte and any index range c
 on its own.
 
 Ground truth per image: ``objects`` (shape, color, size, bbox ``[x0, y0, x1, y1)`` in pixels).
+Objects are squares of side :data:`SIZES` × ``object_scale`` × resolution.
 What a pixel detector may rely on: object pixels are exactly their palette colour and lie inside
 the bbox (circles fill ~79% of it, triangles ~50%, squares 100%); bboxes are at least ``gap``
 pixels apart and ``margin`` pixels from the border; palette colours are >= 100 apart in RGB and
@@ -74,6 +75,7 @@ class ShapesConfig:
     num_test: int = 1000
     max_objects: int = 4
     textures: tuple[str, ...] = TEXTURES  # background textures drawn from (``plain`` = flat)
+    object_scale: float = 1.0  # multiplies every :data:`SIZES` fraction (bigger, easier shapes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "textures", tuple(self.textures))
@@ -85,6 +87,16 @@ class ShapesConfig:
                 f"shapes: resolution={self.resolution} is outside "
                 f"[{MIN_RESOLUTION}, {MAX_RESOLUTION}]; set the 'resolution' option in range"
             )
+        object.__setattr__(self, "object_scale", float(self.object_scale))
+        margin = margins(self.resolution)[0]
+        if not (self.object_scale > 0
+                and side("small", self.resolution, self.object_scale) >= 3
+                and side("large", self.resolution, self.object_scale) + 2 * margin
+                <= self.resolution):
+            raise ValueError(
+                f"shapes: object_scale={self.object_scale} makes objects smaller than 3 px or "
+                f"larger than a {self.resolution} px image; keep object_scale * "
+                f"{SIZES['large']} * resolution within the image")
         if not 1 <= self.max_objects <= 4:
             raise ValueError(f"shapes: max_objects={self.max_objects} must be in [1, 4]")
         for split in SPLITS:
@@ -95,6 +107,8 @@ class ShapesConfig:
     def name(self) -> str:
         name = (f"{self.resolution}px_seed{self.seed}_{self.num_train}-{self.num_validation}-"
                 f"{self.num_test}_max{self.max_objects}")
+        if self.object_scale != 1.0:
+            name += f"_scale{self.object_scale:g}"
         return name if self.textures == TEXTURES else name + "_" + "-".join(self.textures)
 
     def num_examples(self, split: str) -> int:
@@ -148,8 +162,9 @@ def margins(resolution: int) -> tuple[int, int]:
     return max(1, resolution // 32), max(2, round(0.06 * resolution))
 
 
-def side(size: str, resolution: int) -> int:
-    return round(SIZES[size] * resolution)
+def side(size: str, resolution: int, scale: float = 1.0) -> int:
+    """Bbox side in pixels of a ``size`` object."""
+    return round(SIZES[size] * scale * resolution)
 
 
 def relation(a: ShapeObject, b: ShapeObject) -> str:
@@ -189,7 +204,7 @@ def _pick(rng: np.random.Generator, items: list[Any] | tuple[Any, ...]) -> Any:
 def sample_scene(config: ShapesConfig, split: str, rng: np.random.Generator) -> Scene:
     """Objects with distinct (colour, shape) pairs, placed without overlap (large ones that do
     not fit become small; ones that still do not fit are dropped, never the first)."""
-    res = config.resolution
+    res, scale = config.resolution, config.object_scale
     n = int(rng.integers(1, config.max_objects + 1))
     if split == "test":
         first = _pick(rng, HELD_OUT)
@@ -201,10 +216,10 @@ def sample_scene(config: ShapesConfig, split: str, rng: np.random.Generator) -> 
     objects: list[ShapeObject] = []
     for color, shape in pairs:
         size = _pick(rng, tuple(SIZES))
-        box = _place(rng, side(size, res), [o.bbox for o in objects], res)
+        box = _place(rng, side(size, res, scale), [o.bbox for o in objects], res)
         if box is None and size != "small":
             size = "small"
-            box = _place(rng, side(size, res), [o.bbox for o in objects], res)
+            box = _place(rng, side(size, res, scale), [o.bbox for o in objects], res)
         if box is not None:
             objects.append(ShapeObject(shape, color, size, box))
     background, texture = _pick(rng, tuple(BACKGROUNDS)), _pick(rng, TEXTURES)

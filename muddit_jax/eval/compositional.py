@@ -45,9 +45,10 @@ def _classify(fill: float) -> str:
     return min(targets, key=lambda s: abs(targets[s] - fill))
 
 
-def detect(image: np.ndarray, *, color_tol: int = 48, min_side: float = 0.1) -> list[Detection]:
+def detect(image: np.ndarray, *, color_tol: int = 48, min_side: float = 0.1,
+           object_scale: float = 1.0) -> list[Detection]:
     """Objects in ``image [R, R, 3] uint8``; components with a bbox side below ``min_side · R``
-    (specks of noise) are ignored."""
+    (specks of noise) are ignored; sizes are named against ``shapes.SIZES · object_scale``."""
     img = np.asarray(image, np.int16)
     r = img.shape[0]
     names = list(shapes.COLORS)
@@ -65,7 +66,7 @@ def detect(image: np.ndarray, *, color_tol: int = 48, min_side: float = 0.1) -> 
             area = int((components[sl] > 0).sum())
             fill = area / float(max(h, w) ** 2)
             side = max(h, w) / r
-            size = min(shapes.SIZES, key=lambda s: abs(shapes.SIZES[s] - side))
+            size = min(shapes.SIZES, key=lambda s: abs(shapes.SIZES[s] * object_scale - side))
             out.append(Detection(color, _classify(fill), size,
                                  (xs.start, ys.start, xs.stop, ys.stop), round(fill, 4)))
     return out
