@@ -7,7 +7,9 @@ questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes 
 channels, EMA codebook with dead-code restart), then the MM-DiT (Meissonic's 2x down/up-sampling:
 its blocks run on 8 x 8) and the text encoder from scratch with the ELBO on a mixture of T2I,
 captioning and VQA rows. Backgrounds are plain: the noise/gradient textures put unpredictable
-codes in every image, which the generator then spends its few CPU steps on. At the end: the
+codes in every image, which the generator then spends its few CPU steps on. Objects are 1.5x the
+dataset's default size (10 and 15 px on a side): once through the VQ, 6-px shapes are hard to
+tell apart for the model and the T2I detector alike (BENCHMARKS.md §1.5). At the end: the
 evaluation job (caption, VQA, compositional T2I on ``eval.split``) and the PNG artifacts.
 ``arg`` (comma separated): ``smoke`` shrinks every stage to a few steps (tests, CI).
 """
@@ -23,7 +25,7 @@ def get_config(arg: str | None = None):
     c.data.update(kind="mixture", dataset="shapes", split="train", task="caption",
                   tokenizer="auto", global_batch=32, grid=16, text_length=32, images=True,
                   text_maskable=True)
-    shapes = dict(resolution=32, max_objects=3, textures=("plain",), object_scale=1.0)
+    shapes = dict(resolution=32, max_objects=3, textures=("plain",), object_scale=1.5)
     if "smoke" in flags:
         shapes.update(num_train=256, num_validation=32, num_test=32)
     # one ConfigDict shared by every reader (tokenizer, both mixture sources, evaluation,
@@ -39,7 +41,7 @@ def get_config(arg: str | None = None):
                    dual_layers=2, single_layers=4, text_layers=2, downsample=True,
                    vq_channels=(32, 64), vq_layers_per_block=1, vq_latent_channels=16,
                    vq_norm_groups=8)
-    c.vq.update(steps=1000, global_batch=32, lr=3e-3, warmup_steps=100, codebook="ema",
+    c.vq.update(steps=1500, global_batch=32, lr=3e-3, warmup_steps=100, codebook="ema",
                 restart_every=25, dead_after=50, checkpoint_every=500, log_every=50,
                 eval_images=512)
     c.loss.update(cond_dropout=0.1, min_mask_rate=0.0, t2i_fraction=0.5, text_pad_is_target=True)
