@@ -228,20 +228,23 @@ def sample_scene(config: ShapesConfig, split: str, rng: np.random.Generator) -> 
     return Scene(res, tuple(objects), background, texture, int(rng.integers(2**31)))
 
 
+def shape_mask(shape: str, h: int, w: int) -> np.ndarray:
+    """``bool [h, w]``: pixels of an ``h × w`` box whose centre lies inside ``shape`` stretched to
+    the box (a circle becomes an ellipse; the triangle points up). Exact for integer sides."""
+    yy, xx = np.mgrid[0:h, 0:w] * 2 + 1  # doubled pixel centres
+    if shape == "square":
+        return np.ones((h, w), bool)
+    if shape == "circle":
+        return (xx - w) ** 2 * h**2 + (yy - h) ** 2 * w**2 <= (w * h) ** 2
+    # triangle: the half-width grows from 0 at the top to w / 2 at the bottom
+    return np.abs(xx - w) * 2 * h <= yy * w
+
+
 def object_mask(obj: ShapeObject, resolution: int) -> np.ndarray:
     """``bool [R, R]``: pixels whose centre lies inside the shape."""
     x0, y0, x1, y1 = obj.bbox
-    s = x1 - x0
-    yy, xx = np.mgrid[y0:y1, x0:x1] + 0.5
-    cx, cy = x0 + s / 2, y0 + s / 2
-    if obj.shape == "square":
-        inside = np.ones(xx.shape, bool)
-    elif obj.shape == "circle":
-        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= (s / 2) ** 2
-    else:  # triangle, apex up: half-width grows from 0 at y0 to s/2 at y1
-        inside = np.abs(xx - cx) <= (yy - y0) / 2
     mask = np.zeros((resolution, resolution), bool)
-    mask[y0:y1, x0:x1] = inside
+    mask[y0:y1, x0:x1] = shape_mask(obj.shape, y1 - y0, x1 - x0)
     return mask
 
 

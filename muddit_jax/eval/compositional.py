@@ -44,12 +44,7 @@ class Detection:
 
 def templates(h: int, w: int) -> dict[str, np.ndarray]:
     """Each shape drawn as the renderer draws it (pixel centres), stretched to an ``h × w`` box."""
-    yy, xx = np.mgrid[0:h, 0:w] + 0.5
-    return {
-        "square": np.ones((h, w), bool),
-        "circle": ((2 * xx / w - 1) ** 2 + (2 * yy / h - 1) ** 2) <= 1,
-        "triangle": np.abs(xx - w / 2) <= yy * w / (2 * h),  # apex up
-    }
+    return {name: shapes.shape_mask(name, h, w) for name in shapes.SHAPES}
 
 
 def classify(mask: np.ndarray) -> str:
