@@ -130,3 +130,23 @@ def test_binding_batches_pose_the_three_tasks():
             np.testing.assert_array_equal(text[:, b.ANSWER] == b.YES, present)
             assert 0 < present.mean() < 1
         assert (asked == 0).all() == (task == "image")
+
+
+def test_code_probe(tmp_path):
+    from bench import code_probe
+
+    rows = _rows(_run(code_probe, tmp_path, "--config", "configs/shapes_tiny.py:smoke"))
+    assert [r["inputs"] for r in rows] == list(code_probe.INPUTS)
+    assert all(r["steps"] == 3 and 0.0 <= r["held_out_pairs"] <= 1.0 for r in rows)
+
+
+def test_code_probe_splits_separate_seen_and_held_out_pairs():
+    """With one object per image, every ``test`` object is a held-out (colour, shape) pair and
+    no ``validation`` object is: the probe's two columns measure exactly that."""
+    from muddit_jax.data import shapes
+
+    options = shapes.ShapesConfig(resolution=32, max_objects=1, object_scale=1.5)
+    for split, held in (("test", True), ("validation", False)):
+        for i in range(64):
+            (obj,) = shapes.generate(options, split, i).scene.objects
+            assert ((obj.color, obj.shape) in shapes.HELD_OUT) is held

@@ -79,3 +79,25 @@ def test_run_starts_from_the_codebook_and_rejects_bad_values() -> None:
     no_images.data.images = False
     with pytest.raises(ValueError, match="data.images"):
         code_init_edit(no_images)
+
+
+def test_frozen_codebook_embedding_stays_at_its_init_through_training(tmp_path) -> None:
+    """``optim.freeze`` keeps the code embedding at its ``code_init`` values while the MLM
+    output (same init, not frozen) trains."""
+    from muddit_jax.train.checkpoint import load_params
+    from muddit_jax.train.loop import train
+    from muddit_jax.train.run import build_run, code_init_edit
+
+    config = _smoke_config(code_init="codebook")
+    config.optim.freeze = "mmdit/embed/embeddings/embedding"
+    config.data.update(kind="synthetic", text_maskable=False)
+    config.train.vq_from = ""  # the random-init VQ (no stage-1 run here)
+    config.train.steps = config.checkpoint.every = 3
+    start = build_run(config).setup.init(0, None, edit=code_init_edit(config))
+    train(config, tmp_path)
+    end = load_params(tmp_path / "checkpoints")["mmdit"]
+    np.testing.assert_array_equal(end["embed"]["embeddings"]["embedding"],
+                                  start.params["mmdit"]["embed"]["embeddings"]["embedding"])
+    moved = np.abs(end["mlm_layer"]["conv2"]["kernel"]
+                   - start.params["mmdit"]["mlm_layer"]["conv2"]["kernel"]).max()
+    assert moved > 1e-4

@@ -1,6 +1,6 @@
 """Train step, optimizer and state in-process (1 device): gradient accumulation equals the big
 batch, the non-finite guard, EMA, the weight-decay mask, schedules, frozen parts without Adam
-state. Toy losses keep compiles small; the real model runs in the subprocess tests."""
+state, frozen leaves (``optim.freeze``). Toy losses keep compiles small; the real model runs in the subprocess tests."""
 
 from __future__ import annotations
 
@@ -179,6 +179,38 @@ def test_clipping_uses_global_norm() -> None:
     _, opt_state = tx.update({"kernel": jnp.full((4,), 10.0)}, tx.init(params), params)
     mu = opt_state[1][0].mu  # (clip, adamw=(adam, decay mask, schedule)); mu = (1 - b1) * g
     assert_close(optax.global_norm(mu), 0.1 * 1.0, 1e-6, "clipped gradient norm")
+
+
+def test_freeze_keeps_matched_leaves_and_excludes_them_from_the_norm() -> None:
+    base = dict(C.base_config().optim, lr=0.1, weight_decay=0.5, clip_norm=1.0)
+    tx, _ = make_optimizer(dict(base, freeze=r"mmdit/emb/.*, mmdit/head/kernel"), 10)
+    params = {"mmdit": {"emb": {"embedding": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2, 2)),
+                                                                       "bias": jnp.ones(2)}}}
+    grads = {"mmdit": {"emb": {"embedding": jnp.full((3, 2), 100.0)},
+                       "head": {"kernel": jnp.full((2, 2), 100.0), "bias": jnp.full(2, 0.3)}}}
+    state, new = tx.init(params), params
+    for _ in range(3):
+        updates, state = tx.update(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    # frozen leaves: neither the gradient nor weight decay (the kernel is decayed otherwise) moves them
+    np.testing.assert_array_equal(new["mmdit"]["emb"]["embedding"], 1.0)
+    np.testing.assert_array_equal(new["mmdit"]["head"]["kernel"], 1.0)
+    assert float(jnp.abs(new["mmdit"]["head"]["bias"] - 1.0).min()) > 0.05
+    # the bias's gradient (norm 0.42 < clip 1) is not scaled down by the frozen ones' norm of 245
+    mu = state[1][1][0].mu  # (zero, (clip, adamw=(adam, ...)), zero)
+    assert_close(mu["mmdit"]["head"]["bias"], np.full(2, (1 - 0.9 ** 3) * 0.3), 1e-5, "bias mu")
+    np.testing.assert_array_equal(mu["mmdit"]["emb"]["embedding"], 0.0)
+    # works with the sharded state setup (optax's placeholder trees) and names the field on a typo
+    cfg = C.base_config()
+    nets = Networks.build(C.model_config(cfg))
+    mesh = create_mesh(MeshConfig(), jax.devices()[:1])
+    tx, _ = make_optimizer(dict(cfg.optim, freeze="mmdit/embed/embeddings/embedding"), 10)
+    setup_state(nets, tx, mesh, get_rules("default"), trainable=("mmdit",), ema=False, grid=4,
+                text_length=8)
+    tx, _ = make_optimizer(dict(cfg.optim, freeze="mmdit/embedding"), 10)
+    with pytest.raises(ValueError, match="optim.freeze: 'mmdit/embedding' matches no"):
+        setup_state(nets, tx, mesh, get_rules("default"), trainable=("mmdit",), ema=False, grid=4,
+                    text_length=8)
 
 
 @pytest.mark.parametrize("trainable", [("mmdit",), ("mmdit", "text_encoder")])

@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(
         lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_ratio=0.0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
+        # comma-separated regexes over trainable param paths that get no updates, e.g.
+        # "mmdit/embed/embeddings/embedding" keeps a model.code_init="codebook" embedding fixed
+        freeze="",
     )
     c.train = dict(
         steps=1000,

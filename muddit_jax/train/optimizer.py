@@ -3,11 +3,16 @@
 Weight decay applies only to matrices named ``kernel`` (dense / conv weights); norms (``scale``,
 ``bias``), biases and embedding tables (``embedding``) are excluded, as is common for transformers.
 Only trainable sub-models are passed to the optimizer, so frozen ones get no Adam state.
+``optim.freeze`` freezes single leaves inside them too (e.g. the MM-DiT's code embedding, kept at
+its ``model.code_init="codebook"`` values): their gradients are zeroed before clipping and their
+updates after AdamW, so they never move and take no share of the clipped global norm.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import re
 
 import jax
 import optax
@@ -41,14 +46,45 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+def _leaf_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def freeze_mask(patterns: str) -> Any:
+    """``params -> bool tree``: a leaf is frozen when its ``/``-joined path
+    (``mmdit/embed/embeddings/embedding``) fully matches one of the comma-separated regexes;
+    a regex that matches nothing raises."""
+    regexes = [p.strip() for p in patterns.split(",") if p.strip()]
+
+    def frozen(path: tuple) -> bool:
+        return any(re.fullmatch(rx, _leaf_name(path)) for rx in regexes)
+
+    def mask(params: Any) -> Any:
+        names = [_leaf_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for rx in regexes if names else ():  # no leaves: optax's placeholder tree
+            if not any(re.fullmatch(rx, n) for n in names):
+                raise ValueError(f"optim.freeze: {rx!r} matches no trainable parameter; paths "
+                                 f"look like {names[0]!r} (a regex over the full path)")
+        return jax.tree_util.tree_map_with_path(lambda path, _: frozen(path), params)
+
+    return mask
+
+
 def make_optimizer(
     cfg: Mapping[str, Any], total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)`` from ``config.optim``; clipping is skipped when ``clip_norm <= 0``."""
+    """``(tx, schedule)`` from ``config.optim``; clipping is skipped when ``clip_norm <= 0``;
+    leaves matched by ``freeze`` (see :func:`freeze_mask`) are never updated."""
     schedule = make_schedule(cfg, total_steps)
     adamw = optax.adamw(
         schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
         weight_decay=cfg["weight_decay"], mask=decay_mask,
     )
     clip = float(cfg["clip_norm"])
-    return (optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw), schedule
+    tx = optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    if cfg.get("freeze", ""):
+        # zero frozen grads before clipping (no share of the norm, zero moments) and the
+        # updates after AdamW (no weight decay either)
+        zero = optax.masked(optax.set_to_zero(), freeze_mask(cfg["freeze"]))
+        tx = optax.chain(zero, tx, zero)
+    return tx, schedule
