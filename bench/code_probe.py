@@ -6,7 +6,9 @@ the run config's ``shapes`` options and ``max_objects=1``. Two inputs, each from
 
 * ``scratch``: a learned embedding table (what the MM-DiT's code embedding starts as);
 * ``codebook``: the VQ's own codebook vectors, frozen, then a learned linear map (what
-  ``model.code_init="codebook"`` + ``optim.freeze`` give the MM-DiT).
+  ``model.code_init="codebook"`` + ``optim.freeze`` give the MM-DiT);
+* ``mmdit`` (when ``WORKDIR/checkpoints`` holds a trained MM-DiT): that MM-DiT's code
+  embedding rows, frozen, then a learned linear map: what the generator learnt codes to mean.
 
 Accuracy is reported on seen (colour, shape) pairs (``validation``) and on held-out pairs
 (``test``: with one object, every test image shows a pair training never does). Chance is 1/3;
@@ -32,8 +34,8 @@ from bench import common
 from muddit_jax.data import shapes
 from muddit_jax.models import vq
 from muddit_jax.train import config as C
+from muddit_jax.train.checkpoint import load_params
 
-INPUTS = ("scratch", "codebook")
 BATCH = 64
 
 
@@ -47,18 +49,19 @@ def load_config(spec: str) -> Any:
 
 
 class ShapeProbe(nn.Module):
-    """Codes ``[B, h, w]`` -> shape logits ``[B, 3]``; ``codebook`` (frozen) replaces the table."""
+    """Codes ``[B, h, w]`` -> shape logits ``[B, 3]``; ``table`` (frozen code vectors) replaces
+    the learned embedding."""
 
     codebook_size: int
-    codebook: Any = None
+    table: Any = None
     width: int = 64
 
     @nn.compact
     def __call__(self, codes: jax.Array) -> jax.Array:
-        if self.codebook is None:
+        if self.table is None:
             h = nn.Embed(self.codebook_size, 32)(codes)
         else:
-            h = nn.Dense(32)(jnp.asarray(self.codebook)[codes])
+            h = nn.Dense(32)(jnp.asarray(self.table)[codes])
         for stride in (1, 2, 1):
             h = nn.relu(nn.Conv(self.width, (3, 3), strides=stride)(h))
         return nn.Dense(len(shapes.SHAPES))(h.max(axis=(1, 2)))
@@ -73,10 +76,11 @@ def encode_split(options: shapes.ShapesConfig, split: str, n: int, encode: Any) 
     return np.concatenate(codes), labels
 
 
-def train_probe(inputs: str, codebook: np.ndarray, data: dict[str, tuple], steps: int,
-                seed: int = 0) -> common.Row:
-    """Train one probe on ``data["train"]``; accuracy on the other splits."""
-    model = ShapeProbe(codebook.shape[0], codebook if inputs == "codebook" else None)
+def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
+                data: dict[str, tuple], steps: int, seed: int = 0) -> common.Row:
+    """Train one probe on ``data["train"]`` over frozen ``table`` rows (``None``: a learned
+    embedding); accuracy on the other splits."""
+    model = ShapeProbe(codebook_size, table)
     x, y = data["train"]
     params = model.init(jax.random.PRNGKey(seed), x[:2])
     tx = optax.adam(1e-3)
@@ -118,8 +122,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.workdir is None:
         params = nn.unbox(vq.init_params(vq_config, jax.random.PRNGKey(0)))["params"]
     else:
-        from muddit_jax.train.checkpoint import load_params
-
         params = load_params(args.workdir / "vq" / "checkpoints")["vq"]
     options = shapes.ShapesConfig(**{**dict(config.data.options), "max_objects": 1})
     encode = jax.jit(lambda images: vq.encode(params, vq_config, images))
@@ -127,8 +129,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train=args.train_images, validation=1024, test=1024)
     data = {s: encode_split(options, s, k, encode) for s, k in n.items()}
     codebook = np.asarray(params["codebook"]["embedding"], np.float32)
+    tables = {"scratch": None, "codebook": codebook}
+    if args.workdir is not None and (args.workdir / "checkpoints").is_dir():
+        mmdit = load_params(args.workdir / "checkpoints")["mmdit"]
+        tables["mmdit"] = np.asarray(mmdit["embed"]["embeddings"]["embedding"],
+                                     np.float32)[:len(codebook)]
     steps = 3 if args.smoke else args.steps
-    rows = [train_probe(inputs, codebook, data, steps) for inputs in INPUTS]
+    rows = [train_probe(name, table, len(codebook), data, steps)
+            for name, table in tables.items()]
     return common.finish("code_probe", args, {"shape accuracy from VQ codes": (rows, None)})
 
 

@@ -136,7 +136,7 @@ def test_code_probe(tmp_path):
     from bench import code_probe
 
     rows = _rows(_run(code_probe, tmp_path, "--config", "configs/shapes_tiny.py:smoke"))
-    assert [r["inputs"] for r in rows] == list(code_probe.INPUTS)
+    assert [r["inputs"] for r in rows] == ["scratch", "codebook"]
     assert all(r["steps"] == 3 and 0.0 <= r["held_out_pairs"] <= 1.0 for r in rows)
 
 

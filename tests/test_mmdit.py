@@ -355,6 +355,39 @@ def test_image_pos_embed_option():
     assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
+def test_resample_levels_option():
+    """``resample_levels=2`` stacks two 2x down/up-sampling levels: the blocks see 16x fewer
+    image tokens (the position table's rows count them), logits stay on the code grid, level 0
+    keeps upstream's names, the key travels in the config dict only when not 1, and neither
+    the port nor a code grid the factor does not divide accepts it."""
+    from muddit_jax.train import config as C
+    from muddit_jax.train.flops import mmdit_forward_flops
+
+    cfg = dataclasses.replace(MMDiTConfig(**BASE), image_pos_embed=True, resample_levels=2)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    boxed = MMDiT(cfg).init(jax.random.key(0), *inputs)["params"]
+    assert boxed["image_pos_embed"].value.shape == ((H // 4) * (W // 4), 32)
+    for name in ("down_block", "down_block_1"):
+        assert boxed[name]["conv"]["kernel"].value.shape == (2, 2, 32, 32)
+    assert boxed["up_block"]["kernel"].value.shape == boxed["up_block_1"]["kernel"].value.shape
+    logits, _ = MMDiT(cfg).apply({"params": nn.unbox(boxed)}, *inputs)
+    assert logits.shape == (B, H, W, BASE["codebook_size"]) and bool(jnp.isfinite(logits).all())
+    assert cfg.resample_factor == 4 and MMDiTConfig(**BASE).resample_factor == 2
+    assert "resample_levels" not in MMDiTConfig(**BASE).to_hf_config()
+    assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    one = dataclasses.replace(cfg, resample_levels=1)
+    assert mmdit_forward_flops(cfg, 1, 16, 16, 4) < 0.5 * mmdit_forward_flops(one, 1, 16, 16, 4)
+    with pytest.raises(ValueError, match="only resample_levels=1 can be ported"):
+        key_map(cfg)
+    with pytest.raises(ValueError, match="resample_levels=0"):
+        dataclasses.replace(cfg, resample_levels=0)
+    c = C.base_config()
+    c.model.update(preset="tiny", downsample=True, resample_levels=2)
+    c.data.grid = 6
+    with pytest.raises(ValueError, match="data.grid=6 must be a multiple of 4"):
+        C.model_config(c)
+
+
 def test_tiny_head_dim_option():
     """``model.head_dim`` (tiny preset) sets the head width and count and splits the rotary
     channels 1:3:3; bad values name the field."""

@@ -58,6 +58,9 @@ class MMDiTConfig:
     leaves one usable frequency, whose period (2 pi) aliases positions 6 apart.
     ``image_pos_embed`` (not upstream either) adds a learned absolute position embedding to the
     image tokens, so their values, not only their attention scores, know where they are.
+    ``resample_levels`` (not upstream: 1) stacks that many 2x ``downsample`` / ``upsample``
+    levels, so the blocks see ``4^levels`` times fewer image tokens (level 0 keeps upstream's
+    ``down_block`` / ``up_block`` names, deeper ones are ``down_block_1``, ...).
     """
 
     patch_size: int = 1
@@ -79,6 +82,7 @@ class MMDiTConfig:
     block_out_channels: int | None = None
     rope_theta: float = UPSTREAM_ROPE_THETA
     image_pos_embed: bool = False
+    resample_levels: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -97,6 +101,8 @@ class MMDiTConfig:
             )
         if self.guidance_embeds:
             raise ValueError("guidance_embeds=True is not supported (unused upstream)")
+        if self.resample_levels < 1:
+            raise ValueError(f"resample_levels={self.resample_levels} must be >= 1 (upstream: 1)")
         if not self.rope_theta > 1.0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (upstream: 10000)")
         if self.block_out_channels not in (None, self.inner_dim):
@@ -132,7 +138,14 @@ class MMDiTConfig:
             del d["rope_theta"]
         if not d["image_pos_embed"]:  # nor this one
             del d["image_pos_embed"]
+        if d["resample_levels"] == 1:  # nor this one
+            del d["resample_levels"]
         return d
+
+    @property
+    def resample_factor(self) -> int:
+        """How many code rows / columns one block token covers (per side)."""
+        return 2 ** self.resample_levels if self.downsample else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,8 +496,8 @@ class MMDiT(nn.Module):
         txt = layers.rms_norm(eps=NORM_EPS, name="encoder_proj_layer_norm", **kw)(txt)
 
         x = ConvEmbed(cfg.vocab_size, d, name="embed", **kw)(image_ids)
-        if cfg.downsample:
-            x = Downsample(name="down_block", **kw)(x)
+        for level in range(cfg.resample_levels if cfg.downsample else 0):
+            x = Downsample(name=_level_name("down_block", level), **kw)(x)
         gh, gw = x.shape[1:3]
         img = layers.rms_norm(eps=NORM_EPS, name="project_to_hidden_norm", **kw)(
             x.reshape(b, gh * gw, d)
@@ -531,10 +544,15 @@ class MMDiT(nn.Module):
             d, ("embed", "conv_out"), use_bias=False, name="project_from_hidden", **kw
         )(img)
         x = img.reshape(b, gh, gw, d)
-        if cfg.upsample:
-            x = Upsample(name="up_block", **kw)(x)
+        for level in reversed(range(cfg.resample_levels if cfg.upsample else 0)):
+            x = Upsample(name=_level_name("up_block", level), **kw)(x)
         logits = MlmHead(cfg.codebook_size, name="mlm_layer", **kw)(x).astype(jnp.float32)
         return logits, text_logits
+
+
+def _level_name(block: str, level: int) -> str:
+    """Level 0 keeps upstream's name (``down_block`` / ``up_block``); deeper levels add ``_i``."""
+    return block if level == 0 else f"{block}_{level}"
 
 
 def codebook_init(params: Mapping[str, Any], codebook: jax.Array, key: jax.Array) -> dict:

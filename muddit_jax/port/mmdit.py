@@ -91,6 +91,9 @@ def _single_block(i: int) -> list[ParamMap]:
 def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     """Every tensor of the official checkpoint -> its path in the unrolled Flax params."""
     cfg = _cfg(config)
+    if cfg.resample_levels != 1 and (cfg.downsample or cfg.upsample):
+        raise ValueError(f"resample_levels={cfg.resample_levels}: upstream's layout has one "
+                         "down/up-sampling level; only resample_levels=1 can be ported")
     out: list[ParamMap] = []
     for sub in ("timestep_embedder", "text_embedder"):
         for lin in ("linear_1", "linear_2"):

@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
         code_init="random",
         rope_theta=10000.0,  # tiny only: RoPE base (upstream 10000; see MMDiTConfig.rope_theta)
         image_pos_embed=False,  # tiny only: learned absolute image position embedding
+        resample_levels=1,  # tiny only: 2x down/up-sampling levels when downsample (upstream 1)
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -166,9 +167,11 @@ def _pretrained(folder: str) -> MudditConfig:
 def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     """The :class:`MudditConfig` for ``c.model`` (``c`` is the whole config)."""
     cfg = _model_config(c)
-    if cfg.mmdit.downsample and int(c.data.grid) % 2:
-        raise ValueError(f"data.grid={c.data.grid} must be even: the MM-DiT down-samples the code "
-                         "grid 2x (model.downsample / the preset); change data.grid")
+    f = cfg.mmdit.resample_factor
+    if int(c.data.grid) % f:
+        raise ValueError(f"data.grid={c.data.grid} must be a multiple of {f}: the MM-DiT "
+                         f"down-samples the code grid {f}x (model.downsample / "
+                         "model.resample_levels / the preset); change data.grid")
     return cfg
 
 
@@ -193,6 +196,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers,
                 downsample=bool(m.downsample), upsample=bool(m.downsample),
                 rope_theta=float(m.rope_theta), image_pos_embed=bool(m.image_pos_embed),
+                resample_levels=int(m.resample_levels),
             ),
         )
     if m.preset == "muddit_512":

@@ -3,7 +3,7 @@
 Only matrix multiplications and convolutions are counted, as ``2 * M * N * K`` (a multiply-add is
 two FLOPs); elementwise ops, norms, softmax and embedding gathers are ignored (a few percent at
 realistic widths). With ``b`` examples, an ``h x w`` code grid, ``N`` image tokens inside the
-MM-DiT (``h * w``, or ``h * w / 4`` with ``downsample``), ``L`` text tokens, ``S = N + L``, width
+MM-DiT (``h * w``, or ``h * w / 4^levels`` with ``downsample``), ``L`` text tokens, ``S = N + L``, width
 ``D``:
 
   dual-stream block    24 b S D^2 + 4 b S^2 D + 24 b D^2   (QKV 6, out 2, two 4x MLPs 16; attention
@@ -36,7 +36,7 @@ def _mlp(b: int, d_in: int, hidden: int, d_out: int) -> float:
 def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int) -> float:
     """FLOPs of one MM-DiT forward on ``[b, h, w]`` codes and ``[b, text_len]`` text states."""
     d, hw, L = cfg.inner_dim, h * w, text_len
-    n = hw // 4 if cfg.downsample else hw
+    n = hw // cfg.resample_factor ** 2
     s = n + L
     f = _mlp(b, cfg.pooled_projection_dim + NUM_MICRO_CONDS * TIMESTEP_FEATURES, d, d)  # cond
     f += _mlp(b, TIMESTEP_FEATURES, d, d) + _mlp(b, d, d, d)  # timestep + text embedders
@@ -45,8 +45,8 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int)
         f += 2.0 * b * L * cfg.t5_dim * cfg.joint_attention_dim
     f += 2.0 * b * L * text_in * d  # context_embedder
     f += 2.0 * b * hw * d * d  # conv embed (1x1)
-    if cfg.downsample:
-        f += 2.0 * b * n * 4 * d * d
+    resampled = [hw // 4 ** (k + 1) for k in range(cfg.resample_levels if cfg.downsample else 0)]
+    f += sum(2.0 * b * m * 4 * d * d for m in resampled)  # 2x2 stride-2 convs
     f += 2.0 * b * n * d * d  # project_to_hidden
     attn = 4.0 * b * s * s * d
     f += cfg.num_layers * (24.0 * b * s * d * d + attn + 24.0 * b * d * d)
@@ -55,7 +55,7 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int)
         f += 2.0 * b * L * d * cfg.tokenizer_vocab_size
     f += 2.0 * b * n * d * d  # project_from_hidden
     if cfg.upsample:
-        f += 2.0 * b * n * 4 * d * d
+        f += sum(2.0 * b * m * 4 * d * d for m in resampled)  # 2x2 stride-2 transposed convs
     f += 2.0 * b * hw * d * d + 2.0 * b * hw * d * cfg.codebook_size  # mlm_layer
     return f
 
