@@ -10,6 +10,12 @@ the run config's ``shapes`` options and ``max_objects=1``. Two inputs, each from
 * ``mmdit`` (when ``WORKDIR/checkpoints`` holds a trained MM-DiT): that MM-DiT's code
   embedding rows, frozen, then a learned linear map: what the generator learnt codes to mean.
 
+With a trained MM-DiT a second table probes its blocks: the model reads each image with the
+text fully masked (the first step of captioning, ``t = 1``), and a linear softmax probe on each
+block's image stream (max- and min-pooled over tokens) learns the shape on ``train`` images and
+is scored on seen and held-out pairs. Seen-pair accuracy says the block still knows the shape;
+held-out accuracy says whether it knows it apart from colour.
+
 Accuracy is reported on seen (colour, shape) pairs (``validation``) and on held-out pairs
 (``test``: with one object, every test image shows a pair training never does). Chance is 1/3;
 a classifier that reads colour instead of shape is right on seen pairs about 40% of the time
@@ -106,6 +112,79 @@ def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
                 held_out_pairs=acc["test"], chance=1 / 3)
 
 
+def block_features(workdir: Path, options: shapes.ShapesConfig, n: dict[str, int]) -> dict:
+    """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of the run's MM-DiT."""
+    from muddit_jax.eval.job import build_pipeline
+    from muddit_jax.models.muddit import Muddit
+    from muddit_jax.train.stages import saved_config
+
+    config, step = saved_config(workdir, None)
+    pipe = build_pipeline(config, load_params(workdir / "checkpoints", step=step))
+    model, tok = Muddit(pipe.config), pipe.tokenizer
+    length = pipe.text_length or config.data.text_length
+    nets = {k: v for k, v in pipe.params.items() if k != "vq"}
+
+    def is_block(module: nn.Module, method: str) -> bool:
+        return method == "__call__" and (module.name or "").startswith(
+            ("transformer_blocks_", "single_transformer_blocks_"))
+
+    @jax.jit
+    def forward(images: jax.Array) -> dict[str, jax.Array]:
+        codes = vq.encode(pipe.params["vq"], pipe.config.vq, images)
+        b = images.shape[0]
+        ids = jnp.asarray(tok.encode([""] * b, length))
+        ids = jnp.where(jnp.arange(length)[None] >= 1, tok.mask_id, ids)  # <bos> then masks
+        _, state = model.apply({"params": nets}, codes, ids, jnp.ones((b,)),
+                               jnp.asarray(pipe._micro(b)), capture_intermediates=is_block,
+                               mutable=["intermediates"])
+        out = {}
+        for name, v in state["intermediates"]["mmdit"].items():
+            carry = v["__call__"][0][0]  # a block returns (carry, _)
+            img = carry[1] if isinstance(carry, tuple) else carry[:, length:]
+            out[name] = jnp.concatenate([img.max(1), -img.min(1)], axis=-1)
+        return out
+
+    result = {}
+    for split, k in n.items():
+        examples = [shapes.generate(options, split, i) for i in range(k)]
+        feats = [forward(np.stack([e.image for e in examples[i:i + 256]]).astype(np.float32)
+                         / 255) for i in range(0, k, 256)]
+        labels = np.array([shapes.SHAPES.index(e.scene.objects[0].shape) for e in examples])
+        result[split] = ({b: np.concatenate([np.asarray(f[b]) for f in feats]) for b in feats[0]},
+                         labels)
+    return result
+
+
+def linear_probe(x: np.ndarray, y: np.ndarray, evals: list[tuple], steps: int = 500) -> list:
+    """Softmax regression (standardised inputs, L2 1e-3, Adam) on ``(x, y)``; accuracies."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    w = {"w": jnp.zeros((x.shape[1], len(shapes.SHAPES))), "b": jnp.zeros(len(shapes.SHAPES))}
+    xs, ys = jnp.asarray((x - mu) / sd), jnp.asarray(y)
+
+    def loss(w: Any) -> jax.Array:
+        ce = optax.softmax_cross_entropy_with_integer_labels(xs @ w["w"] + w["b"], ys).mean()
+        return ce + 1e-3 * jnp.sum(w["w"] ** 2)
+
+    tx = optax.adam(1e-2)
+    opt, grad = tx.init(w), jax.jit(jax.grad(loss))
+    for _ in range(steps):
+        updates, opt = tx.update(grad(w), opt)
+        w = optax.apply_updates(w, updates)
+    return [float(((((xe - mu) / sd) @ w["w"] + w["b"]).argmax(-1) == ye).mean())
+            for xe, ye in evals]
+
+
+def block_rows(workdir: Path, options: shapes.ShapesConfig, n: dict[str, int]) -> list[common.Row]:
+    """One row per MM-DiT block (in order): linear-probe shape accuracy on seen / held-out."""
+    data = block_features(workdir, options, n)
+    (train, y), seen, held = data["train"], data["validation"], data["test"]
+    rows = []
+    for b in sorted(train, key=lambda b: (b.startswith("single"), int(b.rsplit("_", 1)[1]))):
+        acc = linear_probe(train[b], y, [(seen[0][b], seen[1]), (held[0][b], held[1])])
+        rows.append(dict(block=b, seen_pairs=acc[0], held_out_pairs=acc[1], chance=1 / 3))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=None,
@@ -130,14 +209,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = {s: encode_split(options, s, k, encode) for s, k in n.items()}
     codebook = np.asarray(params["codebook"]["embedding"], np.float32)
     tables = {"scratch": None, "codebook": codebook}
-    if args.workdir is not None and (args.workdir / "checkpoints").is_dir():
+    trained = args.workdir is not None and (args.workdir / "checkpoints").is_dir()
+    if trained:
         mmdit = load_params(args.workdir / "checkpoints")["mmdit"]
         tables["mmdit"] = np.asarray(mmdit["embed"]["embeddings"]["embedding"],
                                      np.float32)[:len(codebook)]
     steps = 3 if args.smoke else args.steps
     rows = [train_probe(name, table, len(codebook), data, steps)
             for name, table in tables.items()]
-    return common.finish("code_probe", args, {"shape accuracy from VQ codes": (rows, None)})
+    out = {"shape accuracy from VQ codes": (rows, None)}
+    if trained:
+        n_blocks = n if args.smoke else dict(train=4096, validation=512, test=512)
+        out["linear shape probes on the MM-DiT's image stream"] = (
+            block_rows(args.workdir, options, n_blocks), None)
+    return common.finish("code_probe", args, out)
 
 
 if __name__ == "__main__":

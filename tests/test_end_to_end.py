@@ -106,6 +106,20 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     assert "--temperature applies to text-to-image" in capsys.readouterr().err
 
 
+def test_code_probe_reads_the_run(run, tmp_path) -> None:
+    """``bench.code_probe`` on a trained run adds the MM-DiT's embedding row and one linear
+    probe per block (the smoke MM-DiT has one dual and one single block)."""
+    from bench import code_probe
+
+    workdir, _ = run
+    out = code_probe.main(["--smoke", "--workdir", str(workdir), "--config", CONFIG,
+                           "--json", str(tmp_path / "probe.json")])
+    codes, blocks = out["tables"].values()
+    assert [r["inputs"] for r in codes] == ["scratch", "codebook", "mmdit"]
+    assert [r["block"] for r in blocks] == ["transformer_blocks_0", "single_transformer_blocks_0"]
+    assert all(0 <= r[k] <= 1 for r in codes + blocks for k in ("seen_pairs", "held_out_pairs"))
+
+
 def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
     from muddit_jax.train.stages import run_stages
     from muddit_jax.train.config import base_config
