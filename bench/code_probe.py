@@ -73,13 +73,20 @@ class ShapeProbe(nn.Module):
         return nn.Dense(len(shapes.SHAPES))(h.max(axis=(1, 2)))
 
 
+def single_object_batches(options: shapes.ShapesConfig, split: str, n: int) -> tuple:
+    """``(float image batches of up to 256 [b, R, R, 3] in [0, 1], shape labels [n])`` of the
+    first ``n`` examples of ``split``."""
+    examples = [shapes.generate(options, split, i) for i in range(n)]
+    batches = [np.stack([e.image for e in examples[i:i + 256]]).astype(np.float32) / 255
+               for i in range(0, n, 256)]
+    labels = np.array([shapes.SHAPES.index(e.scene.objects[0].shape) for e in examples])
+    return batches, labels
+
+
 def encode_split(options: shapes.ShapesConfig, split: str, n: int, encode: Any) -> tuple:
     """``(codes [n, h, w], shape labels [n])`` of the first ``n`` examples of ``split``."""
-    examples = [shapes.generate(options, split, i) for i in range(n)]
-    codes = [np.asarray(encode(np.stack([e.image for e in examples[i:i + 256]])
-                               .astype(np.float32) / 255)) for i in range(0, n, 256)]
-    labels = np.array([shapes.SHAPES.index(e.scene.objects[0].shape) for e in examples])
-    return np.concatenate(codes), labels
+    batches, labels = single_object_batches(options, split, n)
+    return np.concatenate([np.asarray(encode(b)) for b in batches]), labels
 
 
 def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
@@ -112,14 +119,14 @@ def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
                 held_out_pairs=acc["test"], chance=1 / 3)
 
 
-def block_features(workdir: Path, options: shapes.ShapesConfig, n: dict[str, int]) -> dict:
-    """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of the run's MM-DiT."""
+def block_features(config: Any, params: dict[str, Any], options: shapes.ShapesConfig,
+                   n: dict[str, int]) -> dict:
+    """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of a run's MM-DiT (its saved
+    ``config`` and network ``params``)."""
     from muddit_jax.eval.job import build_pipeline
     from muddit_jax.models.muddit import Muddit
-    from muddit_jax.train.stages import saved_config
 
-    config, step = saved_config(workdir, None)
-    pipe = build_pipeline(config, load_params(workdir / "checkpoints", step=step))
+    pipe = build_pipeline(config, params)
     model, tok = Muddit(pipe.config), pipe.tokenizer
     length = pipe.text_length or config.data.text_length
     nets = {k: v for k, v in pipe.params.items() if k != "vq"}
@@ -146,10 +153,8 @@ def block_features(workdir: Path, options: shapes.ShapesConfig, n: dict[str, int
 
     result = {}
     for split, k in n.items():
-        examples = [shapes.generate(options, split, i) for i in range(k)]
-        feats = [forward(np.stack([e.image for e in examples[i:i + 256]]).astype(np.float32)
-                         / 255) for i in range(0, k, 256)]
-        labels = np.array([shapes.SHAPES.index(e.scene.objects[0].shape) for e in examples])
+        batches, labels = single_object_batches(options, split, k)
+        feats = [forward(b) for b in batches]
         result[split] = ({b: np.concatenate([np.asarray(f[b]) for f in feats]) for b in feats[0]},
                          labels)
     return result
@@ -174,9 +179,10 @@ def linear_probe(x: np.ndarray, y: np.ndarray, evals: list[tuple], steps: int = 
             for xe, ye in evals]
 
 
-def block_rows(workdir: Path, options: shapes.ShapesConfig, n: dict[str, int]) -> list[common.Row]:
+def block_rows(config: Any, params: dict[str, Any], options: shapes.ShapesConfig,
+               n: dict[str, int]) -> list[common.Row]:
     """One row per MM-DiT block (in order): linear-probe shape accuracy on seen / held-out."""
-    data = block_features(workdir, options, n)
+    data = block_features(config, params, options, n)
     (train, y), seen, held = data["train"], data["validation"], data["test"]
     rows = []
     for b in sorted(train, key=lambda b: (b.startswith("single"), int(b.rsplit("_", 1)[1]))):
@@ -210,9 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     codebook = np.asarray(params["codebook"]["embedding"], np.float32)
     tables = {"scratch": None, "codebook": codebook}
     trained = args.workdir is not None and (args.workdir / "checkpoints").is_dir()
-    if trained:
-        mmdit = load_params(args.workdir / "checkpoints")["mmdit"]
-        tables["mmdit"] = np.asarray(mmdit["embed"]["embeddings"]["embedding"],
+    if trained:  # the run's saved config and its latest networks, read once for both tables
+        from muddit_jax.train.stages import saved_config
+
+        run_config, step = saved_config(args.workdir, None)
+        nets = load_params(args.workdir / "checkpoints", step=step)
+        tables["mmdit"] = np.asarray(nets["mmdit"]["embed"]["embeddings"]["embedding"],
                                      np.float32)[:len(codebook)]
     steps = 3 if args.smoke else args.steps
     rows = [train_probe(name, table, len(codebook), data, steps)
@@ -221,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trained:
         n_blocks = n if args.smoke else dict(train=4096, validation=512, test=512)
         out["linear shape probes on the MM-DiT's image stream"] = (
-            block_rows(args.workdir, options, n_blocks), None)
+            block_rows(run_config, nets, options, n_blocks), None)
     return common.finish("code_probe", args, out)
 
 

@@ -1,6 +1,7 @@
 """Train step, optimizer and state in-process (1 device): gradient accumulation equals the big
 batch, the non-finite guard, EMA, the weight-decay mask, schedules, frozen parts without Adam
-state, frozen leaves (``optim.freeze``). Toy losses keep compiles small; the real model runs in the subprocess tests."""
+state, frozen leaves (``optim.freeze``). Toy losses keep compiles small; the real model runs in
+the subprocess tests."""
 
 from __future__ import annotations
 

@@ -10,9 +10,8 @@ updates after AdamW, so they never move and take no share of the clipped global 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import re
+from typing import Any, Mapping
 
 import jax
 import optax
