@@ -38,6 +38,33 @@ def test_caption_vqa_t2i_examples(data_dir):
             qa.question, qa.question_type, qa.answer_type)
 
 
+def test_examples_carry_the_object_scale_to_the_detector(tmp_path, monkeypatch):
+    """At ``object_scale=1.5`` the t2i / caption examples say so, the detector then names every
+    object's size right, and the T2I evaluator passes the scale on to it."""
+    from muddit_jax.eval import compositional
+    from muddit_jax.eval.base import get_evaluator
+
+    opts = dict(OPTS, object_scale=1.5)
+    caps = eval_examples("caption", "shapes", "test", image_size=32, data_dir=tmp_path, **opts)
+    t2i = eval_examples("t2i", "shapes", "test", image_size=32, data_dir=tmp_path, **opts)
+    prompts = compositional.shapes_prompts(shapes.ShapesConfig(**opts), "test", 2)
+    assert {e["object_scale"] for e in caps + t2i + prompts} == {1.5}
+    for ex in caps:
+        dets = compositional.detect(ex["image"], object_scale=ex["object_scale"])
+        assert sorted((d.color, d.size) for d in dets) == sorted(
+            (o["color"], o["size"]) for o in ex["objects"])
+    assert any(o["size"] == "large" for e in caps for o in e["objects"])
+    seen = []
+    monkeypatch.setattr(compositional, "detect", lambda image, **kw: seen.append(kw) or [])
+
+    class Pipe:
+        def generate(self, prompts, **kw):
+            return np.zeros((len(prompts), 32, 32, 3), np.uint8)
+
+    get_evaluator("t2i", t2i[:2], batch_size=2, shard_size=2, steps=1).run(Pipe(), tmp_path / "ev")
+    assert seen == [{"object_scale": 1.5}] * 2
+
+
 def test_unknown_task_and_missing_ground_truth(data_dir):
     with pytest.raises(ValueError, match="unknown evaluation task"):
         eval_examples("fid", "shapes", "test", image_size=32, data_dir=data_dir, **OPTS)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from muddit_jax.models.mmdit import MMDiT
 from muddit_jax.models.muddit import Muddit, MudditConfig
 from muddit_jax.models.vq import VQModel
 from muddit_jax.train import flops as F
@@ -40,6 +41,22 @@ def test_mmdit_forward(setup) -> None:
                                           method=Muddit.denoise), params)
     ours = F.mmdit_forward_flops(cfg.mmdit, B, GRID, GRID, L)
     assert abs(ours / xla - 1) < 0.05, (ours, xla)
+
+
+def test_conv_blocks_forward(setup) -> None:
+    """What ``conv_blocks`` adds (ConvNeXt blocks on the code grid) matches XLA's count."""
+    cfg, _, _, (ids, _, t, micro) = setup
+    context, pooled = jnp.zeros((B, L, WIDTH)), jnp.zeros((B, WIDTH))
+    added = {}
+    for n in (0, 2):
+        m = dataclasses.replace(cfg.mmdit, conv_blocks=n, conv_kernel=7)
+        model = MMDiT(m)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, context, pooled,
+                                                   t, micro))
+        added[n] = (xla_flops(lambda p: model.apply(p, ids, context, pooled, t, micro), params),
+                    F.mmdit_forward_flops(m, B, GRID, GRID, L))
+    xla, ours = (added[2][i] - added[0][i] for i in (0, 1))
+    assert abs(ours / xla - 1) < 0.15, (ours, xla)  # XLA also counts GELU / GRN elementwise
 
 
 def test_text_encoder_forward(setup) -> None:

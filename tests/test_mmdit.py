@@ -388,6 +388,47 @@ def test_resample_levels_option():
         C.model_config(c)
 
 
+def test_conv_blocks_option():
+    """``conv_blocks`` puts ConvNeXt blocks on the code grid around the down/up-sampling: named
+    params with logical axes, logits on the code grid, a translation-equivariant block, its
+    the key in the config dict only when set, and no port or bad values."""
+    from muddit_jax.models.mmdit import ConvNeXtBlock
+
+    cfg = dataclasses.replace(MMDiTConfig(**BASE), conv_blocks=2, conv_kernel=5)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    boxed = MMDiT(cfg).init(jax.random.key(0), *inputs)["params"]
+    for name in ("down_convnext_0", "down_convnext_1", "up_convnext_0", "up_convnext_1"):
+        assert boxed[name]["depthwise"]["kernel"].value.shape == (5, 5, 1, 32)
+    assert logical_axes_of(boxed) <= LOGICAL_AXES
+    params = nn.unbox(boxed)
+    logits, _ = MMDiT(cfg).apply({"params": params}, *inputs)
+    plain, _ = MMDiT(MMDiTConfig(**BASE)).apply({"params": params}, *inputs)
+    assert logits.shape == plain.shape == (B, H, W, BASE["codebook_size"])
+    assert float(jnp.abs(logits - plain).max()) > 1e-3  # the blocks are in the path
+
+    # one block with every parameter random (GRN and the conditioning mapper start at 0)
+    block = ConvNeXtBlock(kernel=3)
+    x = jnp.zeros((1, 12, 12, 8)).at[:, 3:7, 4:8].set(
+        jax.random.normal(jax.random.key(1), (1, 4, 4, 8)))
+    temb = jax.random.normal(jax.random.key(2), (1, 16))
+    p = nn.unbox(block.init(jax.random.key(3), x, temb))
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    p = jax.tree.unflatten(tree, [jax.random.normal(k, v.shape) for k, v in zip(keys, leaves)])
+    y = block.apply(p, x, temb)
+    shifted = block.apply(p, jnp.roll(x, (2, 1), axis=(1, 2)), temb)
+    np.testing.assert_allclose(shifted, jnp.roll(y, (2, 1), axis=(1, 2)), atol=1e-4)
+    assert float(jnp.abs(y - block.apply(p, x, -temb)).max()) > 1e-3  # conditioned
+
+    assert "conv_blocks" not in MMDiTConfig(**BASE).to_hf_config()
+    assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    with pytest.raises(ValueError, match="only conv_blocks=0 can be ported"):
+        key_map(cfg)
+    for bad in (dict(conv_blocks=-1), dict(conv_kernel=4)):
+        with pytest.raises(ValueError, match="conv_kernel"):
+            dataclasses.replace(cfg, **bad)
+
+
 def test_tiny_head_dim_option():
     """``model.head_dim`` (tiny preset) sets the head width and count and splits the rotary
     channels 1:3:3; bad values name the field."""

@@ -132,7 +132,8 @@ def shapes_prompts(config: shapes.ShapesConfig, split: str, n: int) -> list[dict
         ex = shapes.generate(config, split, i)
         objs = [dict(color=o.color, shape=o.shape, size=o.size, bbox=list(o.bbox))
                 for o in ex.scene.objects]
-        out.append(dict(id=f"{split}-{i}", prompt=ex.captions[0], objects=objs))
+        out.append(dict(id=f"{split}-{i}", prompt=ex.captions[0], objects=objs,
+                        object_scale=config.object_scale))
     return out
 
 
@@ -148,7 +149,8 @@ class CompositionalT2IEvaluator(Evaluator):
                                guidance_scale=self.options.get("guidance_scale", 9.0),
                                temperature=self.options.get("temperature",
                                                             CONFIDENCE_TEMPERATURE))
-        return [judge(img, e["objects"]) for img, e in zip(images, batch)]
+        return [judge(img, e["objects"], object_scale=e.get("object_scale", 1.0))
+                for img, e in zip(images, batch)]
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         return category_scores([predictions[str(e["id"])] for e in examples])

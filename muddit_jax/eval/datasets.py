@@ -32,6 +32,11 @@ def _objects(rec: Mapping[str, Any]) -> list[dict[str, Any]]:
             for c, s, z, b in zip(objs["color"], objs["shape"], objs["size"], objs["bbox"])]
 
 
+def _object_scale(options: Mapping[str, Any]) -> dict[str, float]:
+    """``shapes``' ``object_scale`` option, which the detector needs to name sizes (1 if unset)."""
+    return {"object_scale": float(options.get("object_scale", 1.0))}
+
+
 def eval_examples(
     task: str,
     dataset: str,
@@ -53,13 +58,14 @@ def eval_examples(
             if "objects" not in rec:
                 raise ValueError(f"t2i evaluation needs object ground truth; {dataset!r} has none "
                                  "(use dataset 'shapes')")
-            out.append(dict(id=rid, prompt=as_str(rec["captions"][0]), objects=_objects(rec)))
+            out.append(dict(id=rid, prompt=as_str(rec["captions"][0]), objects=_objects(rec),
+                            **_object_scale(options)))
             continue
         image = load_image(rec["image"], image_size)[0]
         if task == "caption":
             ex = dict(id=rid, image=image, captions=[as_str(c) for c in rec["captions"]])
             if "objects" in rec:
-                ex["objects"] = _objects(rec)
+                ex.update(objects=_objects(rec), **_object_scale(options))
             out.append(ex)
             continue
         vqa = rec.get("vqa") or {}

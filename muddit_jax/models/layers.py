@@ -58,6 +58,7 @@ def conv(
     strides: int = 1,
     padding: int | str = 0,
     use_bias: bool = True,
+    groups: int = 1,
     in_axis: str | None = "conv_in",
     out_axis: str | None = "conv_out",
     dtype: Dtype = jnp.float32,
@@ -65,7 +66,8 @@ def conv(
     kernel_init: Initializer = DEFAULT_KERNEL_INIT,
     name: str | None = None,
 ) -> nn.Conv:
-    """A channels-last 2D ``nn.Conv`` with PyTorch-style symmetric integer padding."""
+    """A channels-last 2D ``nn.Conv`` with PyTorch-style symmetric integer padding (``groups``:
+    PyTorch's ``groups``, e.g. ``features`` for a depthwise conv)."""
     pad = padding if isinstance(padding, str) else [(padding, padding), (padding, padding)]
     return nn.Conv(
         features,
@@ -73,6 +75,7 @@ def conv(
         strides=(strides, strides),
         padding=pad,
         use_bias=use_bias,
+        feature_group_count=groups,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=_part(kernel_init, (None, None, in_axis, out_axis)),

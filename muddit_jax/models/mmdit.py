@@ -61,6 +61,11 @@ class MMDiTConfig:
     ``resample_levels`` (not upstream: 1) stacks that many 2x ``downsample`` / ``upsample``
     levels, so the blocks see ``4^levels`` times fewer image tokens (level 0 keeps upstream's
     ``down_block`` / ``up_block`` names, deeper ones are ``down_block_1``, ...).
+    ``conv_blocks`` (not upstream: 0) puts that many ConvNeXt blocks (amused's UViT
+    ``ConvNextBlock``: depthwise ``conv_kernel`` conv, GRN MLP, conditioning scale/shift) on the
+    code grid before the first down-sampling (``down_convnext_{i}``) and after the last
+    up-sampling (``up_convnext_{i}``): local, translation-equivariant features of code
+    neighbourhoods that the attention blocks otherwise have to build from RoPE scores.
     """
 
     patch_size: int = 1
@@ -83,6 +88,8 @@ class MMDiTConfig:
     rope_theta: float = UPSTREAM_ROPE_THETA
     image_pos_embed: bool = False
     resample_levels: int = 1
+    conv_blocks: int = 0
+    conv_kernel: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -103,6 +110,9 @@ class MMDiTConfig:
             raise ValueError("guidance_embeds=True is not supported (unused upstream)")
         if self.resample_levels < 1:
             raise ValueError(f"resample_levels={self.resample_levels} must be >= 1 (upstream: 1)")
+        if self.conv_blocks < 0 or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"conv_blocks={self.conv_blocks} must be >= 0 and conv_kernel="
+                             f"{self.conv_kernel} odd and >= 1 (upstream: no conv blocks)")
         if not self.rope_theta > 1.0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (upstream: 10000)")
         if self.block_out_channels not in (None, self.inner_dim):
@@ -138,14 +148,25 @@ class MMDiTConfig:
             del d["rope_theta"]
         if not d["image_pos_embed"]:  # nor this one
             del d["image_pos_embed"]
-        if d["resample_levels"] == 1:  # nor this one
-            del d["resample_levels"]
+        for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3)):
+            if d[key] == upstream:  # nor these
+                del d[key]
         return d
+
+    @property
+    def down_levels(self) -> int:
+        """How many 2x down-sampling levels the image tokens pass before the blocks."""
+        return self.resample_levels if self.downsample else 0
+
+    @property
+    def up_levels(self) -> int:
+        """How many 2x up-sampling levels the image tokens pass after the blocks."""
+        return self.resample_levels if self.upsample else 0
 
     @property
     def resample_factor(self) -> int:
         """How many code rows / columns one block token covers (per side)."""
-        return 2 ** self.resample_levels if self.downsample else 1
+        return 2 ** self.down_levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +392,49 @@ class Upsample(nn.Module):
         return y.reshape(b, 2 * h, 2 * w, c)
 
 
+class ConvNeXtBlock(nn.Module):
+    """amused's UViT ``ConvNextBlock`` on ``[b, h, w, c]``: depthwise ``kernel`` conv -> RMSNorm
+    -> Linear(4c) -> GELU -> global response norm -> Linear(c), plus the input; then
+    ``x * (1 + scale) + shift`` from ``linear(silu(temb))`` (zero-initialised: identity at start).
+    """
+
+    kernel: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        c, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = layers.conv(c, self.kernel, padding=self.kernel // 2, groups=c, in_axis=None,
+                        name="depthwise", **kw)(x)
+        h = layers.rms_norm(eps=NORM_EPS, name="norm", **kw)(h)
+        h = layers.gelu_exact(layers.dense(4 * c, ("conv_out", "mlp"), name="linear_1", **kw)(h))
+        h = GlobalResponseNorm(name="grn", **kw)(h)
+        x = x + layers.dense(c, ("mlp", "conv_out"), name="linear_2", **kw)(h)
+        mod = layers.dense(2 * c, ("cond", "conv_out"), kernel_init=nn.initializers.zeros_init(),
+                           name="cond_embeds_mapper", **kw)(jax.nn.silu(temb))
+        scale, shift = jnp.split(mod[:, None, None, :], 2, axis=-1)
+        return x * (1 + scale) + shift
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN: ``gamma * (x * n) + beta + x`` with ``n`` each channel's spatial L2 norm
+    over the mean of those norms (``gamma``, ``beta`` start at 0: identity)."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",))
+        gamma = self.param("gamma", zeros, (c,), self.param_dtype).astype(self.dtype)
+        beta = self.param("beta", zeros, (c,), self.param_dtype).astype(self.dtype)
+        g = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True))
+        n = (g / (jnp.mean(g, axis=-1, keepdims=True) + 1e-6)).astype(self.dtype)
+        return gamma * (x * n) + beta + x
+
+
 class MlmHead(nn.Module):
     """``mlm_layer``: 1x1 conv -> RMSNorm -> 1x1 conv to ``codebook_size`` logits (no biases)."""
 
@@ -496,7 +560,9 @@ class MMDiT(nn.Module):
         txt = layers.rms_norm(eps=NORM_EPS, name="encoder_proj_layer_norm", **kw)(txt)
 
         x = ConvEmbed(cfg.vocab_size, d, name="embed", **kw)(image_ids)
-        for level in range(cfg.resample_levels if cfg.downsample else 0):
+        for i in range(cfg.conv_blocks):
+            x = ConvNeXtBlock(cfg.conv_kernel, name=f"down_convnext_{i}", **kw)(x, temb)
+        for level in range(cfg.down_levels):
             x = Downsample(name=_level_name("down_block", level), **kw)(x)
         gh, gw = x.shape[1:3]
         img = layers.rms_norm(eps=NORM_EPS, name="project_to_hidden_norm", **kw)(
@@ -544,8 +610,10 @@ class MMDiT(nn.Module):
             d, ("embed", "conv_out"), use_bias=False, name="project_from_hidden", **kw
         )(img)
         x = img.reshape(b, gh, gw, d)
-        for level in reversed(range(cfg.resample_levels if cfg.upsample else 0)):
+        for level in reversed(range(cfg.up_levels)):
             x = Upsample(name=_level_name("up_block", level), **kw)(x)
+        for i in range(cfg.conv_blocks):
+            x = ConvNeXtBlock(cfg.conv_kernel, name=f"up_convnext_{i}", **kw)(x, temb)
         logits = MlmHead(cfg.codebook_size, name="mlm_layer", **kw)(x).astype(jnp.float32)
         return logits, text_logits
 

@@ -94,6 +94,9 @@ def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     if cfg.resample_levels != 1 and (cfg.downsample or cfg.upsample):
         raise ValueError(f"resample_levels={cfg.resample_levels}: upstream's layout has one "
                          "down/up-sampling level; only resample_levels=1 can be ported")
+    if cfg.conv_blocks:
+        raise ValueError(f"conv_blocks={cfg.conv_blocks}: upstream's layout has no ConvNeXt "
+                         "blocks; only conv_blocks=0 can be ported")
     out: list[ParamMap] = []
     for sub in ("timestep_embedder", "text_embedder"):
         for lin in ("linear_1", "linear_2"):

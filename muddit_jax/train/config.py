@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0,  # tiny only: RoPE base (upstream 10000; see MMDiTConfig.rope_theta)
         image_pos_embed=False,  # tiny only: learned absolute image position embedding
         resample_levels=1,  # tiny only: 2x down/up-sampling levels when downsample (upstream 1)
+        # tiny only: ConvNeXt blocks on the code grid before down- / after up-sampling
+        # (amused's UViT blocks; upstream Muddit has none) and their depthwise kernel size
+        conv_blocks=0, conv_kernel=3,
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -196,7 +199,8 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers,
                 downsample=bool(m.downsample), upsample=bool(m.downsample),
                 rope_theta=float(m.rope_theta), image_pos_embed=bool(m.image_pos_embed),
-                resample_levels=int(m.resample_levels),
+                resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
+                conv_kernel=int(m.conv_kernel),
             ),
         )
     if m.preset == "muddit_512":

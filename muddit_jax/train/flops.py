@@ -45,7 +45,10 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int)
         f += 2.0 * b * L * cfg.t5_dim * cfg.joint_attention_dim
     f += 2.0 * b * L * text_in * d  # context_embedder
     f += 2.0 * b * hw * d * d  # conv embed (1x1)
-    resampled = [hw // 4 ** (k + 1) for k in range(cfg.resample_levels if cfg.downsample else 0)]
+    # ConvNeXt blocks: depthwise conv + 4x MLP per code, and the conditioning mapper
+    convnext = 2.0 * b * hw * (cfg.conv_kernel**2 * d + 8 * d * d) + 4.0 * b * d * d
+    f += 2 * cfg.conv_blocks * convnext  # before the down- and after the up-sampling
+    resampled = [hw // 4 ** (k + 1) for k in range(cfg.down_levels)]
     f += sum(2.0 * b * m * 4 * d * d for m in resampled)  # 2x2 stride-2 convs
     f += 2.0 * b * n * d * d  # project_to_hidden
     attn = 4.0 * b * s * s * d

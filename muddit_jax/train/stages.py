@@ -99,7 +99,8 @@ def recon_detector_score(examples: list[dict[str, Any]], recon: np.ndarray) -> f
         return None
     from muddit_jax.eval.compositional import category_scores, judge
 
-    verdicts = [judge(img, e["objects"]) for img, e in zip(recon, examples)]
+    verdicts = [judge(img, e["objects"], object_scale=e.get("object_scale", 1.0))
+                for img, e in zip(recon, examples)]
     return category_scores(verdicts)["overall"]
 
 
