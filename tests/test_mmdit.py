@@ -429,6 +429,21 @@ def test_conv_blocks_option():
             dataclasses.replace(cfg, **bad)
 
 
+def test_depthwise_conv_matches_torch_grouped_conv():
+    """``layers.DepthwiseConv`` (shifted sums) = PyTorch ``Conv2d(groups=c, padding=k // 2)``
+    with the same weights (kernel ``[k, k, 1, c]`` <-> ``[c, 1, k, k]``)."""
+    from muddit_jax.models.layers import DepthwiseConv
+
+    x = np.random.default_rng(0).standard_normal((2, 6, 7, 4)).astype(np.float32)
+    for k in (1, 3, 5):
+        conv = torch.nn.Conv2d(4, 4, k, padding=k // 2, groups=4)
+        params = {"kernel": jnp.asarray(conv.weight.detach().numpy().transpose(2, 3, 1, 0)),
+                  "bias": jnp.asarray(conv.bias.detach().numpy())}
+        ours = DepthwiseConv(k).apply({"params": params}, jnp.asarray(x))
+        ref = conv(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+        assert_close(ours, ref, tol=1e-5)
+
+
 def test_tiny_head_dim_option():
     """``model.head_dim`` (tiny preset) sets the head width and count and splits the rotary
     channels 1:3:3; bad values name the field."""

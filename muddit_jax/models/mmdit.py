@@ -405,8 +405,7 @@ class ConvNeXtBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         c, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layers.conv(c, self.kernel, padding=self.kernel // 2, groups=c, in_axis=None,
-                        name="depthwise", **kw)(x)
+        h = layers.DepthwiseConv(self.kernel, name="depthwise", **kw)(x)
         h = layers.rms_norm(eps=NORM_EPS, name="norm", **kw)(h)
         h = layers.gelu_exact(layers.dense(4 * c, ("conv_out", "mlp"), name="linear_1", **kw)(h))
         h = GlobalResponseNorm(name="grn", **kw)(h)
