@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,6 +86,7 @@ class MudditPipeline:
                 f"text_length {self.text_length} exceeds the text encoder's "
                 f"max_position_embeddings {self.config.text.max_position_embeddings}"
             )
+        check_params(self.config, self.params, self.image_size, self.text_length)
         if self.mesh is not None:
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
             self.params = jax.device_put(self.params, replicated)
@@ -393,3 +394,34 @@ def _prefix_lengths(ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
     stop = (ids == eos_id) | (ids == pad_id)
     stop[:, 0] = False
     return np.where(stop.any(1), stop.argmax(1), ids.shape[1]).astype(np.int32)
+
+
+def check_params(config: MudditConfig, params: Mapping[str, Any], image_size: int,
+                 text_length: int) -> None:
+    """Raise if ``params`` (``text_encoder`` / ``mmdit`` / ``vq``) are not the parameters of
+    ``config``'s networks: missing or unexpected arrays, or other shapes. Flax would ignore
+    unexpected ones, so a config without an option the params were trained with (e.g.
+    ``model.conv_blocks``) would otherwise run a different network without a word."""
+    from muddit_jax.port.mapping import flatten
+
+    grid = image_size // config.vq.downsample_factor
+    abstract = jax.eval_shape(lambda: dict(
+        nn.unbox(Muddit(config).init(
+            jax.random.key(0), jnp.zeros((1, grid, grid), jnp.int32),
+            jnp.zeros((1, text_length), jnp.int32), jnp.zeros((1,)), jnp.zeros((1, 5)))
+        )["params"],
+        vq=nn.unbox(VQModel(config.vq).init(
+            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))["params"]))
+    want = {k: v.shape for k, v in flatten(abstract).items()}
+    got = {k: np.shape(v) for k, v in flatten({k: params[k] for k in abstract if k in params}
+                                              ).items()}
+    problems = [f"missing {'/'.join(k)}" for k in want if k not in got]
+    problems += [f"unexpected {'/'.join(k)}" for k in got if k not in want]
+    problems += [f"{'/'.join(k)} has shape {got[k]}, the config's model needs {want[k]}"
+                 for k in want if k in got and tuple(got[k]) != tuple(want[k])]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(
+            "the params do not fit the model config: " + "; ".join(problems[:5]) + more +
+            ". Use the config the params were trained or converted with (the same --config "
+            "file and --config.model.* overrides)")

@@ -147,3 +147,23 @@ def test_text_is_sampled_only_from_the_tokenizer_vocab(tmp_path):
     tokens, _ = pipe.text_tokens(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), ["", ""], steps=2)
     assert tokens.max() < tok.vocab_size
     assert len(pipe.caption(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), steps=2)) == 2
+
+
+def test_params_of_another_model_config_are_refused(pipe):
+    """A config that does not describe the params (an option the run was trained with left out,
+    another width) fails at construction with the offending arrays named, instead of Flax
+    silently ignoring the extra ones."""
+    import dataclasses
+
+    from muddit_jax.pipeline import MudditPipeline
+
+    cfg = pipe.config
+    with_conv = dataclasses.replace(cfg, mmdit=dataclasses.replace(cfg.mmdit, conv_blocks=1))
+    trained = MudditPipeline.random_init(with_conv, pipe.tokenizer, IMAGE_SIZE, seed=0)
+    with pytest.raises(ValueError, match=r"unexpected mmdit/down_convnext_0/.*--config\.model"):
+        MudditPipeline(cfg, pipe.tokenizer, trained.params, IMAGE_SIZE)
+    with pytest.raises(ValueError, match=r"missing mmdit/down_convnext_0"):
+        MudditPipeline(with_conv, pipe.tokenizer, pipe.params, IMAGE_SIZE)
+    wider = MudditConfig.tiny(cfg.text.vocab_size, codebook_size=32, width=64)
+    with pytest.raises(ValueError, match=r"has shape .*, the config's model needs"):
+        MudditPipeline(wider, pipe.tokenizer, pipe.params, IMAGE_SIZE)
