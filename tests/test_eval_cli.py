@@ -77,6 +77,12 @@ def test_rerun_skips_finished_shards_and_bad_input_is_clear(run, capsys):
     assert eval_main(["--config", str(path), "--workdir", str(workdir), "--task", "fid"]) == 2
     assert "eval tasks" in capsys.readouterr().err
     assert eval_main(["--config", str(path), "--workdir", str(workdir / "none")]) == 2
+    capsys.readouterr()
+    # a model option the run was not trained with (rope_theta has no parameter to tell by)
+    assert eval_main(["--config", str(path), "--workdir", str(workdir),
+                      "--config.model.rope_theta=16", "--config.model.remat=True"]) == 2
+    err = capsys.readouterr().err
+    assert "model.rope_theta: checkpoint 10000.0, config 16.0" in err and "remat" not in err
 
 
 def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, local_mesh, parse_tasks
     from muddit_jax.parallel import distributed
     from muddit_jax.train.checkpoint import Checkpointer, load_params
+    from muddit_jax.train.config import model_differences
     from muddit_jax.train.stages import resolve
 
     config, workdir = fv.config, Path(fv.workdir)
@@ -39,10 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(config, workdir, train_missing=False)
         ckpt_dir = config.checkpoint.dir or workdir / "checkpoints"
         ckpt = Checkpointer(ckpt_dir)
-        step = fv.step if fv.step is not None else ckpt.latest_step()
-        ckpt.close()
+        try:
+            step = fv.step if fv.step is not None else ckpt.latest_step()
+            saved = ckpt.saved_config(step) if step is not None else None
+        finally:
+            ckpt.close()
         if step is None:
             raise ValueError(f"no checkpoint in {ckpt_dir}; train first (muddit-train)")
+        differences = model_differences(config, saved[1] if saved else {})
+        if differences:
+            raise ValueError(
+                f"--config describes another network than checkpoint step {step}: "
+                + "; ".join(differences) + ". Pass the run's values (--config.model.<field>=...)")
         params = load_params(ckpt_dir, step=step, ema=fv.ema or bool(config.eval.ema))
         pipe = build_pipeline(config, params, mesh=local_mesh())
         summary = evaluate(config, pipe, eval_dir(workdir, step, config.eval.split), tasks)

@@ -13,7 +13,8 @@ and the rules preset), ``distributed`` (multi-process start-up).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import ml_collections
@@ -176,6 +177,22 @@ def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                          f"down-samples the code grid {f}x (model.downsample / "
                          "model.resample_levels / the preset); change data.grid")
     return cfg
+
+
+# model fields that change how a network is initialised or computed in memory, not what it is
+NOT_THE_NETWORK = ("code_init", "dtype", "param_dtype", "remat", "remat_policy", "scan_layers")
+
+
+def model_differences(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> list[str]:
+    """The ``model.*`` fields where ``c`` and a checkpoint's saved config dict ``saved`` describe
+    different networks, as ``"model.<field>: checkpoint <v>, config <v>"`` (fields the saved
+    config lacks, and those in :data:`NOT_THE_NETWORK`, are not compared)."""
+    ours, out = json.loads(c.model.to_json()), []
+    for key, theirs in sorted(dict(saved.get("model") or {}).items()):
+        if key in NOT_THE_NETWORK or key not in ours or ours[key] == theirs:
+            continue
+        out.append(f"model.{key}: checkpoint {theirs!r}, config {ours[key]!r}")
+    return out
 
 
 def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
