@@ -120,6 +120,24 @@ def test_code_probe_reads_the_run(run, tmp_path) -> None:
     assert all(0 <= r[k] <= 1 for r in codes + blocks for k in ("seen_pairs", "held_out_pairs"))
 
 
+def test_prompt_effect_reads_the_run(run, tmp_path) -> None:
+    """``bench.prompt_effect`` on a trained run: one row per mask ratio, scored on masked codes
+    over object pixels (there are some), the prompt effect = the two cross-entropies' gap."""
+    from bench import prompt_effect
+
+    workdir, _ = run
+    out = prompt_effect.main(["--smoke", "--workdir", str(workdir), "--ratios", "1.0,0.5"])
+    rows = next(iter(out["tables"].values()))
+    assert [r["mask_ratio"] for r in rows] == [1.0, 0.5]
+    assert rows[0]["masked_object_codes"] > rows[1]["masked_object_codes"] > 0
+    for r in rows:
+        assert r["object_ce"] > 0 and 0 <= r["object_acc"] <= 1
+        assert r["prompt_effect"] == pytest.approx(r["object_ce_other_prompt"] - r["object_ce"],
+                                                   abs=2e-3)
+    with pytest.raises(SystemExit):
+        prompt_effect.main(["--workdir", str(workdir), "--ratios", "0"])
+
+
 def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
     from muddit_jax.train.stages import run_stages
     from muddit_jax.train.config import base_config
