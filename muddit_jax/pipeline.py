@@ -101,16 +101,9 @@ class MudditPipeline:
         cls, config: MudditConfig, tokenizer: Tokenizer, image_size: int, seed: int = 0, **kw: Any
     ) -> "MudditPipeline":
         """A pipeline with freshly initialised (untrained) networks."""
-        k_m, k_v = jax.random.split(jax.random.key(seed))
-        grid = image_size // config.vq.downsample_factor
         l = kw.get("text_length") or config.text.max_position_embeddings
-        muddit = Muddit(config)
-        init = jax.jit(muddit.init)(
-            k_m, jnp.zeros((1, grid, grid), jnp.int32), jnp.zeros((1, l), jnp.int32),
-            jnp.zeros((1,)), jnp.zeros((1, 5)),
-        )
-        vq_init = jax.jit(VQModel(config.vq).init)(k_v, jnp.zeros((1, image_size, image_size, 3)))
-        params = dict(nn.unbox(init)["params"], vq=nn.unbox(vq_init)["params"])
+        params = jax.jit(lambda key: init_params(config, image_size, l, key))(
+            jax.random.key(seed))
         return cls(config, tokenizer, params, image_size, **kw)
 
     @classmethod
@@ -396,6 +389,19 @@ def _prefix_lengths(ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
     return np.where(stop.any(1), stop.argmax(1), ids.shape[1]).astype(np.int32)
 
 
+def init_params(config: MudditConfig, image_size: int, text_length: int, key: jax.Array
+                ) -> dict[str, Any]:
+    """Freshly initialised (unboxed) ``text_encoder`` / ``mmdit`` / ``vq`` params of ``config``'s
+    networks for ``image_size`` images and ``text_length`` text tokens."""
+    k_m, k_v = jax.random.split(key)
+    grid = image_size // config.vq.downsample_factor
+    muddit = Muddit(config).init(
+        k_m, jnp.zeros((1, grid, grid), jnp.int32), jnp.zeros((1, text_length), jnp.int32),
+        jnp.zeros((1,)), jnp.zeros((1, 5)))
+    vq = VQModel(config.vq).init(k_v, jnp.zeros((1, image_size, image_size, 3)))
+    return dict(nn.unbox(muddit)["params"], vq=nn.unbox(vq)["params"])
+
+
 def check_params(config: MudditConfig, params: Mapping[str, Any], image_size: int,
                  text_length: int) -> None:
     """Raise if ``params`` (``text_encoder`` / ``mmdit`` / ``vq``) are not the parameters of
@@ -404,14 +410,8 @@ def check_params(config: MudditConfig, params: Mapping[str, Any], image_size: in
     ``model.conv_blocks``) would otherwise run a different network without a word."""
     from muddit_jax.port.mapping import flatten
 
-    grid = image_size // config.vq.downsample_factor
-    abstract = jax.eval_shape(lambda: dict(
-        nn.unbox(Muddit(config).init(
-            jax.random.key(0), jnp.zeros((1, grid, grid), jnp.int32),
-            jnp.zeros((1, text_length), jnp.int32), jnp.zeros((1,)), jnp.zeros((1, 5)))
-        )["params"],
-        vq=nn.unbox(VQModel(config.vq).init(
-            jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))["params"]))
+    abstract = jax.eval_shape(
+        lambda: init_params(config, image_size, text_length, jax.random.key(0)))
     want = {k: v.shape for k, v in flatten(abstract).items()}
     got = {k: np.shape(v) for k, v in flatten({k: params[k] for k in abstract if k in params}
                                               ).items()}

@@ -390,8 +390,8 @@ def test_resample_levels_option():
 
 def test_conv_blocks_option():
     """``conv_blocks`` puts ConvNeXt blocks on the code grid around the down/up-sampling: named
-    params with logical axes, logits on the code grid, a translation-equivariant block, its
-    the key in the config dict only when set, and no port or bad values."""
+    params with logical axes, logits on the code grid, a translation-equivariant block, the
+    key in the config dict only when set, and no port or bad values."""
     from muddit_jax.models.mmdit import ConvNeXtBlock
 
     cfg = dataclasses.replace(MMDiTConfig(**BASE), conv_blocks=2, conv_kernel=5)
