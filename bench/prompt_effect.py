@@ -35,16 +35,13 @@ def object_codes(options: shapes.ShapesConfig, examples: list, grid: int) -> np.
 def measure(workdir: Path, n: int, ratios: list[float], split: str, seed: int = 0
             ) -> list[dict[str, Any]]:
     """One row per mask ratio over the first ``n`` images of ``split`` (see the module doc)."""
-    from muddit_jax.eval.job import build_pipeline
+    from muddit_jax.eval.job import pipeline_from_workdir
     from muddit_jax.models.muddit import Muddit
-    from muddit_jax.train.checkpoint import load_params
-    from muddit_jax.train.stages import saved_config
 
-    config, step = saved_config(workdir)
+    config, pipe = pipeline_from_workdir(workdir)
     if config.data.dataset != "shapes":
         raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs the "
                          "object masks of 'shapes'")
-    pipe = build_pipeline(config, load_params(workdir / "checkpoints", step=step))
     options = shapes.ShapesConfig(**dict(config.data.options))
     examples = [shapes.generate(options, split, i) for i in range(n)]
     images = np.stack([e.image for e in examples]).astype(np.float32) / 255

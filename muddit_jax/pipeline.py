@@ -30,6 +30,7 @@ from muddit_jax.models.tokenizers import Tokenizer
 from muddit_jax.models.vq import VQModel
 
 TASKS = ("t2i", "i2t", "vqa")
+TIMESTEP_MODES = ("pipeline", "ratio")
 Seed = int | Sequence[int]
 DEFAULT_AESTHETIC = 6.0
 
@@ -58,6 +59,10 @@ class MudditPipeline:
       mesh: optional device mesh for data-parallel sampling: params are replicated on it and
         every batch is split along its leading axis over all mesh devices (the batch size must
         be a multiple of the device count).
+      timestep_mode: the timestep fed at sampling step ``i`` of ``T`` (every task):
+        ``"pipeline"`` feeds ``(T - 1 - i) / T`` as Muddit's released pipeline does (for ported
+        checkpoints); ``"ratio"`` feeds the input's mask ratio, the quantity this repo's
+        training feeds (:func:`~muddit_jax.diffusion.sampler.model_timestep`).
     """
 
     config: MudditConfig
@@ -67,6 +72,7 @@ class MudditPipeline:
     text_length: int | None = None
     dtype: Any = jnp.float32
     mesh: jax.sharding.Mesh | None = None
+    timestep_mode: str = "pipeline"
     _programs: dict[tuple, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +86,9 @@ class MudditPipeline:
                 f"tokenizer vocab ({self.tokenizer.vocab_size}) exceeds text.vocab_size "
                 f"({self.config.text.vocab_size})"
             )
+        if self.timestep_mode not in TIMESTEP_MODES:
+            raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES} ('ratio' for models "
+                             f"trained here, 'pipeline' for ported ones), got {self.timestep_mode!r}")
         self.text_length = self.text_length or self.config.text.max_position_embeddings
         if self.text_length > self.config.text.max_position_embeddings:
             raise ValueError(
@@ -162,6 +171,7 @@ class MudditPipeline:
             vocab_limit=self.config.mmdit.codebook_size,
             temperature=_float_tuple(temperature, "temperature"),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
+            timestep_mode=self.timestep_mode,
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
@@ -242,7 +252,7 @@ class MudditPipeline:
         fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
         # only ids the tokenizer can decode (the model's text vocab may be larger)
         cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id,
-                            vocab_limit=tok.vocab_size)
+                            vocab_limit=tok.vocab_size, timestep_mode=self.timestep_mode)
         out = self._run("i2t", cfg, _keys(seed, len(ids)), pixels, ids, fixed, self._micro(len(ids)))
         return np.asarray(out), prefix
 

@@ -87,7 +87,8 @@ def test_rerun_skips_finished_shards_and_bad_input_is_clear(run, capsys):
 
 def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     """eval.temperature / eval.guidance_scale enter the t2i shards' settings and no others: a
-    rerun with another temperature recomputes T2I and reuses the caption shards."""
+    rerun with another temperature recomputes T2I and reuses the caption shards; another
+    eval.timestep_mode recomputes every task."""
     path, workdir = run
     shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
     args = ["--config", str(path), "--workdir", str(tmp_path), "--task", "caption,t2i"]
@@ -97,14 +98,21 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     def settings(task):
         return json.loads(next(shards.glob(f"{task}-*.json")).read_text())["settings"]
 
-    assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0]}
-    assert settings("caption")["options"] == {}
+    assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0],
+                                          "timestep_mode": "pipeline"}
+    assert settings("caption")["options"] == {"timestep_mode": "pipeline"}
     stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
     assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)"]) == 0
     assert settings("t2i")["options"]["temperature"] == [0.0, 0.0]
     for name, before in stamps.items():
         changed = (shards / name).stat().st_mtime_ns != before
         assert changed == name.startswith("t2i"), name
+    # the fed timestep acts on every task: all shards are recomputed, under the new mode
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)",
+                             "--config.eval.timestep_mode=ratio"]) == 0
+    assert settings("caption")["options"] == {"timestep_mode": "ratio"}
+    assert all((shards / name).stat().st_mtime_ns != t for name, t in stamps.items())
 
 
 def test_same_predictions_on_one_and_eight_devices(run, tmp_path):

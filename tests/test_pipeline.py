@@ -167,3 +167,21 @@ def test_params_of_another_model_config_are_refused(pipe):
     wider = MudditConfig.tiny(cfg.text.vocab_size, codebook_size=32, width=64)
     with pytest.raises(ValueError, match=r"has shape .*, the config's model needs"):
         MudditPipeline(wider, pipe.tokenizer, pipe.params, IMAGE_SIZE)
+
+
+def test_timestep_mode_reaches_every_task(pipe):
+    """``timestep_mode="ratio"`` feeds the mask ratio (what training feeds) in T2I and I2T; it is
+    part of the compiled sampler config and changes the samples; a bad value is refused."""
+    import dataclasses
+
+    ratio = dataclasses.replace(pipe, timestep_mode="ratio", _programs={})
+    prompts = ["a red circle", "a blue square", "a green triangle", "a small square"]
+    a = pipe.generate(prompts, steps=4, seed=7)
+    b = ratio.generate(prompts, steps=4, seed=7)
+    images = np.random.default_rng(1).integers(0, 256, (2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    ratio.caption(images, steps=4, seed=0)
+    modes = {(task, cfg.timestep_mode) for task, cfg in ratio._programs}
+    assert modes == {("t2i", "ratio"), ("i2t", "ratio")}
+    assert not np.array_equal(a, b), "the fed timestep did not change the samples"
+    with pytest.raises(ValueError, match="timestep_mode must be one of"):
+        dataclasses.replace(pipe, timestep_mode="linear", _programs={})

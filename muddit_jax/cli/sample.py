@@ -46,14 +46,10 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
         pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
         return pipe, {k: v for k, v in t2i.items() if v is not None}
-    from muddit_jax.eval.job import build_pipeline
-    from muddit_jax.train.checkpoint import load_params
-    from muddit_jax.train.stages import saved_config
+    from muddit_jax.eval.job import pipeline_from_workdir
 
-    config, step = saved_config(args.workdir, args.step)
-    params = load_params(Path(args.workdir) / "checkpoints", step=step, ema=args.ema)
-    t2i = {k: config.eval[k] if v is None else v for k, v in t2i.items()}
-    return build_pipeline(config, params), t2i
+    config, pipe = pipeline_from_workdir(args.workdir, args.step, ema=args.ema)
+    return pipe, {k: config.eval[k] if v is None else v for k, v in t2i.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -65,8 +65,9 @@ class Evaluator:
 
     task = "base"
     # ``config.eval`` fields the predictions depend on besides steps and seed; the eval job
-    # passes exactly these as options (so they enter the shard settings of this task only)
-    config_options: tuple[str, ...] = ()
+    # passes exactly these as options (so they enter the shard settings of this task only).
+    # ``timestep_mode`` acts through the pipeline (``build_pipeline``) and is recorded here.
+    config_options: tuple[str, ...] = ("timestep_mode",)
 
     def __init__(
         self,

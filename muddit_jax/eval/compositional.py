@@ -142,7 +142,7 @@ class CompositionalT2IEvaluator(Evaluator):
     """Examples: ``{"id", "prompt", "objects": [{color, shape, size, bbox}, ...]}``; predictions
     are the detector's verdicts per generated image."""
 
-    config_options = ("guidance_scale", "temperature")
+    config_options = (*Evaluator.config_options, "guidance_scale", "temperature")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),

@@ -78,7 +78,20 @@ def build_pipeline(config: ml_collections.ConfigDict, params: Mapping[str, Any],
                          f"{mesh.devices.size} local devices")
     tokenizer = load_tokenizer(config.data.tokenizer, add_mask_token=True)
     return MudditPipeline(model, tokenizer, dict(params), size,
-                          text_length=int(config.data.text_length), mesh=mesh)
+                          text_length=int(config.data.text_length), mesh=mesh,
+                          timestep_mode=config.eval.timestep_mode)
+
+
+def pipeline_from_workdir(workdir: str | Path, step: int | None = None, ema: bool = False
+                          ) -> tuple[ml_collections.ConfigDict, Any]:
+    """``(config, pipeline)`` of a training run: the config saved with checkpoint ``step`` (the
+    latest by default) and that checkpoint's params (``ema``: the EMA params)."""
+    from muddit_jax.train.checkpoint import load_params
+    from muddit_jax.train.stages import saved_config
+
+    config, step = saved_config(workdir, step)
+    params = load_params(Path(workdir) / "checkpoints", step=step, ema=ema)
+    return config, build_pipeline(config, params)
 
 
 def evaluate(
