@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE, SamplerConfig, sample
+from muddit_jax.diffusion.sampler import (
+    CONFIDENCE_TEMPERATURE, TIMESTEP_MODES, SamplerConfig, sample,
+)
 from muddit_jax.models.muddit import Muddit, MudditConfig
 from muddit_jax.models.tokenizers import Tokenizer
 from muddit_jax.models.vq import VQModel
 
 TASKS = ("t2i", "i2t", "vqa")
-TIMESTEP_MODES = ("pipeline", "ratio")
 Seed = int | Sequence[int]
 DEFAULT_AESTHETIC = 6.0
 

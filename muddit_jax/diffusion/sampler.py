@@ -37,6 +37,8 @@ Array = jax.Array
 LogitsFn = Callable[[Any, Array, Array], Array]
 
 SAMPLING = ("multinomial", "argmax", "top_k", "top_p")
+# the timestep fed at each step (see :func:`model_timestep`)
+TIMESTEP_MODES = ("pipeline", "ratio")
 # (start, end) scale of the Gumbel noise on token confidences, annealed linearly over the steps
 CONFIDENCE_TEMPERATURE = (2.0, 0.0)
 
@@ -69,7 +71,7 @@ class SamplerConfig:
         checks = {
             "sampling": (self.sampling, SAMPLING),
             "guidance_schedule": (self.guidance_schedule, ("constant", "linear")),
-            "timestep_mode": (self.timestep_mode, ("pipeline", "ratio")),
+            "timestep_mode": (self.timestep_mode, TIMESTEP_MODES),
             "mask_len_base": (self.mask_len_base, ("length", "unknown")),
         }
         for field, (value, allowed) in checks.items():
