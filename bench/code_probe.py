@@ -119,16 +119,12 @@ def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
                 held_out_pairs=acc["test"], chance=1 / 3)
 
 
-def block_features(config: Any, params: dict[str, Any], options: shapes.ShapesConfig,
-                   n: dict[str, int]) -> dict:
-    """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of a run's MM-DiT (its saved
-    ``config`` and network ``params``)."""
-    from muddit_jax.eval.job import build_pipeline
+def block_features(pipe: Any, options: shapes.ShapesConfig, n: dict[str, int]) -> dict:
+    """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of a run's MM-DiT (its
+    :class:`~muddit_jax.pipeline.MudditPipeline`, e.g. from ``pipeline_from_workdir``)."""
     from muddit_jax.models.muddit import Muddit
 
-    pipe = build_pipeline(config, params)
-    model, tok = Muddit(pipe.config), pipe.tokenizer
-    length = pipe.text_length or config.data.text_length
+    model, tok, length = Muddit(pipe.config), pipe.tokenizer, pipe.text_length
     nets = {k: v for k, v in pipe.params.items() if k != "vq"}
 
     def is_block(module: nn.Module, method: str) -> bool:
@@ -179,10 +175,9 @@ def linear_probe(x: np.ndarray, y: np.ndarray, evals: list[tuple], steps: int = 
             for xe, ye in evals]
 
 
-def block_rows(config: Any, params: dict[str, Any], options: shapes.ShapesConfig,
-               n: dict[str, int]) -> list[common.Row]:
+def block_rows(pipe: Any, options: shapes.ShapesConfig, n: dict[str, int]) -> list[common.Row]:
     """One row per MM-DiT block (in order): linear-probe shape accuracy on seen / held-out."""
-    data = block_features(config, params, options, n)
+    data = block_features(pipe, options, n)
     (train, y), seen, held = data["train"], data["validation"], data["test"]
     rows = []
     for b in sorted(train, key=lambda b: (b.startswith("single"), int(b.rsplit("_", 1)[1]))):
@@ -216,12 +211,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     codebook = np.asarray(params["codebook"]["embedding"], np.float32)
     tables = {"scratch": None, "codebook": codebook}
     trained = args.workdir is not None and (args.workdir / "checkpoints").is_dir()
-    if trained:  # the run's saved config and its latest networks, read once for both tables
-        from muddit_jax.train.stages import saved_config
+    if trained:  # the run's latest pipeline, loaded once for both tables
+        from muddit_jax.eval.job import pipeline_from_workdir
 
-        run_config, step = saved_config(args.workdir, None)
-        nets = load_params(args.workdir / "checkpoints", step=step)
-        tables["mmdit"] = np.asarray(nets["mmdit"]["embed"]["embeddings"]["embedding"],
+        _, pipe = pipeline_from_workdir(args.workdir)
+        tables["mmdit"] = np.asarray(pipe.params["mmdit"]["embed"]["embeddings"]["embedding"],
                                      np.float32)[:len(codebook)]
     steps = 3 if args.smoke else args.steps
     rows = [train_probe(name, table, len(codebook), data, steps)
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trained:
         n_blocks = n if args.smoke else dict(train=4096, validation=512, test=512)
         out["linear shape probes on the MM-DiT's image stream"] = (
-            block_rows(run_config, nets, options, n_blocks), None)
+            block_rows(pipe, options, n_blocks), None)
     return common.finish("code_probe", args, out)
 
 
