@@ -4,13 +4,16 @@
 
 Stages (``muddit_jax/train/stages.py``): a SentencePiece tokenizer trained on the captions and
 questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes of 256, 32-64
-channels, EMA codebook with dead-code restart), then the MM-DiT (Meissonic's 2x down/up-sampling:
-its blocks run on 8 x 8) and the text encoder from scratch with the ELBO on a mixture of T2I,
-captioning and VQA rows. Backgrounds are plain: the noise/gradient textures put unpredictable
-codes in every image, which the generator then spends its few CPU steps on. Objects are 1.5x the
-dataset's default size (10 and 15 px on a side): once through the VQ, 6-px shapes are hard to
-tell apart for the model and the T2I detector alike (BENCHMARKS.md §1.5). At the end: the
-evaluation job (caption, VQA, compositional T2I on ``eval.split``) and the PNG artifacts.
+channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then the MM-DiT
+(Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
+with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32). About 32
+minutes in all on 2 cores (BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
+2,500 steps moved no score beyond the run-to-run spread. Backgrounds are plain: the
+noise/gradient textures put unpredictable codes in every image, which the generator then spends
+its few CPU steps on. Objects are 1.5x the dataset's default size (10 and 15 px on a side): once
+through the VQ, 6-px shapes are hard to tell apart for the model and the T2I detector alike
+(BENCHMARKS.md §1.5). At the end: the evaluation job (caption, VQA, compositional T2I on
+``eval.split``) and the PNG artifacts.
 ``arg`` (comma separated): ``smoke`` shrinks every stage to a few steps (tests, CI).
 """
 
@@ -41,13 +44,13 @@ def get_config(arg: str | None = None):
                    dual_layers=2, single_layers=4, text_layers=2, downsample=True,
                    vq_channels=(32, 64), vq_layers_per_block=1, vq_latent_channels=16,
                    vq_norm_groups=8)
-    c.vq.update(steps=1500, global_batch=32, lr=3e-3, warmup_steps=100, codebook="ema",
+    c.vq.update(steps=1500, global_batch=16, lr=3e-3, warmup_steps=100, codebook="ema",
                 restart_every=25, dead_after=50, checkpoint_every=500, log_every=50,
                 eval_images=512)
     c.loss.update(cond_dropout=0.1, min_mask_rate=0.0, t2i_fraction=0.5, text_pad_is_target=True)
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=200, end_lr_ratio=0.05,
                    weight_decay=0.01, clip_norm=1.0, b2=0.99)
-    c.train.update(steps=2500, trainable="mmdit,text_encoder", vq_from="auto", ema_decay=0.0)
+    c.train.update(steps=2000, trainable="mmdit,text_encoder", vq_from="auto", ema_decay=0.0)
     c.checkpoint.update(every=500, keep=2)
     c.log.update(every=50)
     c.eval.update(tasks="caption,vqa,t2i", split="test", limit=256, steps=16,
