@@ -6,7 +6,7 @@ Stages (``muddit_jax/train/stages.py``): a SentencePiece tokenizer trained on th
 questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes of 256, 32-64
 channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then the MM-DiT
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
-with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32). About 32
+with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32). 31-35
 minutes in all on 2 cores (BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
 2,500 steps moved no score beyond the run-to-run spread. Backgrounds are plain: the
 noise/gradient textures put unpredictable codes in every image, which the generator then spends
