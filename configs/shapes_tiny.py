@@ -8,7 +8,8 @@ channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then th
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
 with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32). 31-35
 minutes in all on 2 cores (BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
-2,500 steps moved no score beyond the run-to-run spread. Backgrounds are plain: the
+2,500 steps cost some seen-split T2I and CIDEr-D (``train.steps=2500`` takes it back for about 5
+minutes); VQA moved less than the spread between seeds. Backgrounds are plain: the
 noise/gradient textures put unpredictable codes in every image, which the generator then spends
 its few CPU steps on. Objects are 1.5x the dataset's default size (10 and 15 px on a side): once
 through the VQ, 6-px shapes are hard to tell apart for the model and the T2I detector alike
