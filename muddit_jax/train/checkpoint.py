@@ -181,8 +181,11 @@ def load_params(
         return {CONVERTED_NAMES[name]: p for name, (_, p) in load_converted(str(path)).items()}
     if not (path / "state").is_dir():
         path = _step_dir(path, step)
-    ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(path / "state").item_metadata.tree
+    # the item's handler reads it directly: a Checkpointer would look for a step-level
+    # _CHECKPOINT_METADATA inside the item folder and warn that it is missing
+    handler = ocp.PyTreeCheckpointHandler()
+    state_dir = epath.Path(path / "state")
+    tree = handler.metadata(state_dir).tree
     trained = "ema_params" if ema else "params"
     if ema and not tree.get("ema_params"):
         raise ValueError(f"{path} has no EMA params (train.ema_decay was 0)")
@@ -202,8 +205,8 @@ def load_params(
                 placed = None  # e.g. a scanned checkpoint for an unscanned run: place later
             restore_args[part][name] = jax.tree.map(target, sub, *([placed] if placed else []))
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), item)
-    out = ckptr.restore(
-        path / "state",
+    out = handler.restore(
+        state_dir,
         args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args, partial_restore=True),
     )
     return {**out.get("frozen", {}), **out[trained]}
