@@ -18,8 +18,11 @@ through the VQ, 6-px shapes are hard to tell apart for the model and the T2I det
 ``arg`` (comma separated): ``smoke`` shrinks every stage to a few steps (tests, CI).
 """
 
+import dataclasses
+
 import ml_collections
 
+from muddit_jax.data.shapes import ShapesConfig
 from muddit_jax.train.config import base_config
 
 
@@ -29,7 +32,9 @@ def get_config(arg: str | None = None):
     c.data.update(kind="mixture", dataset="shapes", split="train", task="caption",
                   tokenizer="auto", global_batch=32, grid=16, text_length=32, images=True,
                   text_maskable=True)
-    shapes = dict(resolution=32, max_objects=3, textures=("plain",), object_scale=1.5)
+    # every ShapesConfig field is a key, so each is overridable (--config.data.options.num_train=64)
+    shapes = dataclasses.asdict(ShapesConfig(resolution=32, max_objects=3, textures=("plain",),
+                                             object_scale=1.5))
     if "smoke" in flags:
         shapes.update(num_train=256, num_validation=32, num_test=32)
     # one ConfigDict shared by every reader (tokenizer, both mixture sources, evaluation,

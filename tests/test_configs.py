@@ -3,6 +3,7 @@ and the pod-scale configs trace a full train step abstractly (no 1B allocation).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def test_invalid_override_fails_before_any_work(tmp_path, capsys, override, mess
                            f"--workdir={tmp_path}", override])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "tokenizer.model").exists()  # failed before training the tokenizer
+
+
+def test_every_shapes_option_is_overridable_and_reaches_every_reader(tmp_path) -> None:
+    from muddit_jax.cli.config_args import parse
+    from muddit_jax.data.shapes import ShapesConfig
+
+    assert set(load("shapes_tiny").data.options) == {
+        f.name for f in dataclasses.fields(ShapesConfig)}
+    fv = parse("muddit-train", [f"--config={CONFIGS}/shapes_tiny.py", f"--workdir={tmp_path}",
+                                "--config.data.options.num_train=64"])
+    c = fv.config
+    for options in (c.data.options, c.data.mixture.captions.options, c.data.mixture.vqa.options):
+        assert ShapesConfig(**options).num_train == 64
 
 
 @pytest.mark.parametrize("name", ["muddit_512", "meissonic_1024"])
