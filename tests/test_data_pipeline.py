@@ -71,6 +71,13 @@ def test_batch_layout(env):
         assert tok.decode(ids[None])[0] in {c.decode() for c in record["captions"]}
 
 
+def test_read_threads_get_a_prefetch_buffer_that_uses_them(env, caplog):
+    config, tok, _ = env
+    with caplog.at_level("WARNING"):
+        take(dataclasses.replace(config, read_threads=4, prefetch=4), tok, 1)  # 1 batch ahead
+    assert not [r for r in caplog.records if "prefetch_buffer_size" in r.getMessage()]
+
+
 def test_resume_mid_epoch_gives_the_same_batches(env):
     config, tok, _ = env
     config = dataclasses.replace(config, random_crop=True)

@@ -119,7 +119,8 @@ class DataIterator:
         self.fingerprint = fingerprint
         start, stop = fingerprint["rows"]
         self.batch_size = stop - start
-        buffer = max(2, -(-config.prefetch // self.batch_size))
+        # grain reads with at most prefetch_buffer_size threads (and warns when it is lower)
+        buffer = max(2, config.read_threads, -(-config.prefetch // self.batch_size))
         iter_ds = blocks.to_iter_dataset(
             grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=buffer))
         if config.workers:
