@@ -152,6 +152,8 @@ class MudditPipeline:
         guidance_scale: float | None = 9.0,
         seed: Seed = 0,
         temperature: tuple[float, float] = CONFIDENCE_TEMPERATURE,
+        sampling: str = "multinomial",
+        top_k: int = 0,
         images: Any = None,
         keep: Any = None,
         return_codes: bool = False,
@@ -159,7 +161,8 @@ class MudditPipeline:
         """Text -> images ``np.uint8 [b, H, W, 3]`` (and the VQ codes ``[b, h, w]`` with
         ``return_codes``). ``guidance_scale=None`` disables CFG. ``temperature`` = (start, end)
         scale of the Gumbel noise on token confidences (annealed linearly; ``(0, 0)`` keeps the
-        most likely tokens).
+        most likely tokens). ``sampling`` = how a masked code's candidate is drawn from its
+        logits: ``"multinomial"`` (upstream), ``"argmax"``, or ``"top_k"`` (with ``top_k``).
 
         Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
         VQ code grid; the codes of kept cells stay fixed and the others are generated.
@@ -172,7 +175,7 @@ class MudditPipeline:
             vocab_limit=self.config.mmdit.codebook_size,
             temperature=_float_tuple(temperature, "temperature"),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
-            timestep_mode=self.timestep_mode,
+            timestep_mode=self.timestep_mode, sampling=sampling, top_k=int(top_k),
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)
@@ -195,11 +198,13 @@ class MudditPipeline:
         return (images, np.asarray(codes)) if return_codes else images
 
     def caption(
-        self, images: Any, *, steps: int = 16, seed: Seed = 0, postprocess: bool = True
+        self, images: Any, *, steps: int = 16, seed: Seed = 0, postprocess: bool = True,
+        sampling: str = "multinomial",
     ) -> list[str]:
-        """Images ``[b, H, W, 3]`` (uint8, or float in [0, 1]) -> captions."""
+        """Images ``[b, H, W, 3]`` (uint8, or float in [0, 1]) -> captions. ``sampling``: how a
+        masked token's candidate is drawn, ``"multinomial"`` (upstream) or ``"argmax"``."""
         n = len(_check_images(images, self.image_size))
-        return self._image_to_text(images, [""] * n, steps, seed, postprocess)
+        return self._image_to_text(images, [""] * n, steps, seed, postprocess, sampling)
 
     def answer(
         self,
@@ -209,13 +214,15 @@ class MudditPipeline:
         steps: int = 16,
         seed: Seed = 0,
         postprocess: bool = True,
+        sampling: str = "multinomial",
     ) -> list[str]:
-        """VQA: the ``<bos> question`` prefix stays fixed, the rest is decoded."""
+        """VQA: the ``<bos> question`` prefix stays fixed, the rest is decoded (``sampling`` as
+        in :meth:`caption`)."""
         questions = _check_texts(questions, "questions")
         n = len(_check_images(images, self.image_size))
         if len(questions) != n:
             raise ValueError(f"got {n} images but {len(questions)} questions; pass one per image")
-        return self._image_to_text(images, questions, steps, seed, postprocess)
+        return self._image_to_text(images, questions, steps, seed, postprocess, sampling)
 
     # -----------------------------------------------------------------------------------------
     # internals
@@ -225,9 +232,11 @@ class MudditPipeline:
         return np.tile(np.array([[s, s, 0.0, 0.0, DEFAULT_AESTHETIC]], np.float32), (b, 1))
 
     def _image_to_text(
-        self, images: Any, questions: Sequence[str], steps: int, seed: Seed, postprocess: bool
+        self, images: Any, questions: Sequence[str], steps: int, seed: Seed, postprocess: bool,
+        sampling: str,
     ) -> list[str]:
-        tokens, prefix = self.text_tokens(images, questions, steps=steps, seed=seed)
+        tokens, prefix = self.text_tokens(images, questions, steps=steps, seed=seed,
+                                          sampling=sampling)
         eos, texts = self.tokenizer.eos_id, []
         for row, start in zip(tokens, prefix):
             gen = row[start:].tolist()
@@ -237,7 +246,8 @@ class MudditPipeline:
         return texts
 
     def text_tokens(
-        self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: Seed = 0
+        self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: Seed = 0,
+        sampling: str = "multinomial",
     ) -> tuple[np.ndarray, np.ndarray]:
         """I2T/VQA decoding: ``(tokens [b, text_length], prefix_len [b])``; ``tokens[:, :prefix]``
         is ``<bos> question`` unchanged, the rest is generated."""
@@ -253,7 +263,8 @@ class MudditPipeline:
         fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
         # only ids the tokenizer can decode (the model's text vocab may be larger)
         cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id,
-                            vocab_limit=tok.vocab_size, timestep_mode=self.timestep_mode)
+                            vocab_limit=tok.vocab_size, timestep_mode=self.timestep_mode,
+                            sampling=sampling)
         out = self._run("i2t", cfg, _keys(seed, len(ids)), pixels, ids, fixed, self._micro(len(ids)))
         return np.asarray(out), prefix
 

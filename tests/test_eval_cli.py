@@ -99,8 +99,10 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
         return json.loads(next(shards.glob(f"{task}-*.json")).read_text())["settings"]
 
     assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0],
-                                          "timestep_mode": "pipeline"}
-    assert settings("caption")["options"] == {"timestep_mode": "pipeline"}
+                                          "timestep_mode": "pipeline", "sampling": "multinomial",
+                                          "top_k": 0}
+    assert settings("caption")["options"] == {"timestep_mode": "pipeline",
+                                              "text_sampling": "multinomial"}
     stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
     assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)"]) == 0
     assert settings("t2i")["options"]["temperature"] == [0.0, 0.0]
@@ -111,8 +113,34 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
     assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)",
                              "--config.eval.timestep_mode=ratio"]) == 0
-    assert settings("caption")["options"] == {"timestep_mode": "ratio"}
+    assert settings("caption")["options"]["timestep_mode"] == "ratio"
     assert all((shards / name).stat().st_mtime_ns != t for name, t in stamps.items())
+    # greedy text decoding recomputes the caption shards only
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)",
+                             "--config.eval.timestep_mode=ratio",
+                             "--config.eval.text_sampling=argmax"]) == 0
+    assert settings("caption")["options"]["text_sampling"] == "argmax"
+    for name, before in stamps.items():
+        changed = (shards / name).stat().st_mtime_ns != before
+        assert changed == name.startswith("caption"), name
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--config.eval.sampling=greedy"], "eval.sampling='greedy'"),
+    (["--config.eval.text_sampling=top_k"], "eval.text_sampling='top_k'"),
+    (["--config.eval.sampling=top_k"], "eval.top_k=0 with eval.sampling='top_k'"),
+    (["--config.eval.top_k=3"], "eval.top_k=3 with eval.sampling='multinomial'"),
+    (["--config.eval.temperature=(1.0,)"], "temperature must be a (start, end) tuple"),
+])
+def test_bad_sampling_settings_fail_before_any_work(run, tmp_path, capsys, flags, fragment):
+    """muddit-eval and muddit-train refuse a bad eval sampler setting at start, naming it."""
+    path, workdir = run
+    assert eval_main(["--config", str(path), "--workdir", str(workdir)] + flags) == 2
+    assert fragment in capsys.readouterr().err
+    assert train_main(["--config", str(path), "--workdir", str(tmp_path / "new")] + flags) != 0
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "new" / "checkpoints").exists()
 
 
 def test_same_predictions_on_one_and_eight_devices(run, tmp_path):

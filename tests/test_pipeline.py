@@ -185,3 +185,26 @@ def test_timestep_mode_reaches_every_task(pipe):
     assert not np.array_equal(a, b), "the fed timestep did not change the samples"
     with pytest.raises(ValueError, match="timestep_mode must be one of"):
         dataclasses.replace(pipe, timestep_mode="linear", _programs={})
+
+
+def test_argmax_candidates_ignore_the_seed_where_multinomial_does_not(pipe):
+    """With one step every masked token is decided at once from its logits: ``argmax`` then gives
+    the same output for any seed, ``multinomial`` draws (a random-init model's logits are flat).
+    ``top_k=1`` is argmax; images and text both honour the option."""
+    prompts = ["a red circle", "a blue square", "a green triangle", "a small square"]
+    arg = [pipe.generate(prompts, steps=1, seed=s, sampling="argmax") for s in (0, 1)]
+    np.testing.assert_array_equal(arg[0], arg[1])
+    np.testing.assert_array_equal(arg[0], pipe.generate(prompts, steps=1, seed=2,
+                                                        sampling="top_k", top_k=1))
+    multi = [pipe.generate(prompts, steps=1, seed=s) for s in (0, 1)]
+    assert not np.array_equal(multi[0], multi[1])
+    images = np.random.default_rng(2).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    text = [pipe.text_tokens(images, ["", "", "", ""], steps=1, seed=s, sampling="argmax")[0]
+            for s in (0, 1)]
+    np.testing.assert_array_equal(text[0], text[1])
+    assert pipe.answer(images, ["what color?"] * 4, steps=1, seed=0, sampling="argmax") == \
+        pipe.answer(images, ["what color?"] * 4, steps=1, seed=9, sampling="argmax")
+    drawn = [pipe.text_tokens(images, ["", "", "", ""], steps=1, seed=s)[0] for s in (0, 1)]
+    assert not np.array_equal(drawn[0], drawn[1])
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        pipe.caption(images, steps=1, sampling="greedy")

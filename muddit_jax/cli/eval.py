@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     fv = config_args.parse("muddit-eval", argv, define)
     if fv is None:
         return 2
-    from muddit_jax.eval.job import build_pipeline, eval_dir, evaluate, local_mesh, parse_tasks
+    from muddit_jax.eval.job import (build_pipeline, check_sampling, eval_dir, evaluate,
+                                     local_mesh, parse_tasks)
     from muddit_jax.parallel import distributed
     from muddit_jax.train.checkpoint import Checkpointer, load_params
     from muddit_jax.train.config import model_differences
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     config, workdir = fv.config, Path(fv.workdir)
     try:
         tasks = parse_tasks(fv.task)
+        check_sampling(config.eval)
         distributed.initialize(config.distributed)
         config = resolve(config, workdir, train_missing=False)
         ckpt_dir = config.checkpoint.dir or workdir / "checkpoints"

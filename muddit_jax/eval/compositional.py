@@ -142,13 +142,16 @@ class CompositionalT2IEvaluator(Evaluator):
     """Examples: ``{"id", "prompt", "objects": [{color, shape, size, bbox}, ...]}``; predictions
     are the detector's verdicts per generated image."""
 
-    config_options = (*Evaluator.config_options, "guidance_scale", "temperature")
+    config_options = (*Evaluator.config_options, "guidance_scale", "temperature", "sampling",
+                      "top_k")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),
                                guidance_scale=self.options.get("guidance_scale", 9.0),
                                temperature=self.options.get("temperature",
-                                                            CONFIDENCE_TEMPERATURE))
+                                                            CONFIDENCE_TEMPERATURE),
+                               sampling=self.options.get("sampling", "multinomial"),
+                               top_k=self.options.get("top_k", 0))
         return [judge(img, e["objects"], object_scale=e.get("object_scale", 1.0))
                 for img, e in zip(images, batch)]
 

@@ -49,6 +49,27 @@ def parse_tasks(spec: str) -> list[str]:
     return tasks
 
 
+TEXT_SAMPLING = ("multinomial", "argmax")
+
+
+def check_sampling(e: ml_collections.ConfigDict) -> None:
+    """Clear errors for ``eval`` sampler settings, before any training or sampling runs."""
+    from muddit_jax.diffusion.sampler import SAMPLING, SamplerConfig
+
+    if e.sampling not in SAMPLING or e.sampling == "top_p":
+        raise ValueError(f"eval.sampling={e.sampling!r}: use one of multinomial, argmax, top_k")
+    if e.text_sampling not in TEXT_SAMPLING:
+        raise ValueError(f"eval.text_sampling={e.text_sampling!r}: use one of {TEXT_SAMPLING}")
+    if (e.sampling == "top_k") != (e.top_k > 0):
+        raise ValueError(f"eval.top_k={e.top_k} with eval.sampling={e.sampling!r}: set both "
+                         "(sampling='top_k' and top_k >= 1) or neither")
+    try:
+        SamplerConfig(num_steps=e.steps, mask_id=0, temperature=tuple(e.temperature),
+                      sampling=e.sampling, top_k=e.top_k, timestep_mode=e.timestep_mode)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"eval settings: {err} (eval.steps / temperature / timestep_mode)") from None
+
+
 def local_mesh() -> jax.sharding.Mesh | None:
     """A 1-axis ``data`` mesh over this process's devices (``None`` with one device): each
     process samples its own shards data-parallel over its local devices."""

@@ -18,8 +18,11 @@ class CaptionEvaluator(Evaluator):
     ``"objects"`` (then ``attribute_accuracy``: the fraction of captions that name every object's
     colour + shape and nothing else, see :func:`caption_names_objects`)."""
 
+    config_options = (*Evaluator.config_options, "text_sampling")
+
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
-        return pipe.caption(stack_images(batch), steps=self.steps, seed=list(seeds))
+        return pipe.caption(stack_images(batch), steps=self.steps, seed=list(seeds),
+                            sampling=self.options.get("text_sampling", "multinomial"))
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         ids = [str(e["id"]) for e in examples]
@@ -41,9 +44,12 @@ class VQAEvaluator(Evaluator):
     ``question_type/<type>`` (characters other than letters, digits, ``_.-`` become ``_``), the
     breakdown of the official VQAv2 evaluation."""
 
+    config_options = (*Evaluator.config_options, "text_sampling")
+
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
         questions = [e["question"] for e in batch]
-        return pipe.answer(stack_images(batch), questions, steps=self.steps, seed=list(seeds))
+        return pipe.answer(stack_images(batch), questions, steps=self.steps, seed=list(seeds),
+                           sampling=self.options.get("text_sampling", "multinomial"))
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         answers = {str(e["id"]): list(e["answers"]) for e in examples}

@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
         # T2I sampling: scale of the Gumbel noise on token confidences, annealed linearly from
         # the first to the second value over the steps; (0, 0) keeps the most likely tokens
         temperature=CONFIDENCE_TEMPERATURE,
+        # how a masked token's candidate is drawn from its logits: T2I "multinomial" (upstream) |
+        # "argmax" | "top_k" (with top_k); captions and answers "multinomial" | "argmax"
+        sampling="multinomial", top_k=0, text_sampling="multinomial",
         # timestep fed while sampling (every task): "pipeline" = (T-1-i)/T as Muddit's released
         # pipeline (ported checkpoints); "ratio" = the input's mask ratio, as training feeds it
         timestep_mode="pipeline",

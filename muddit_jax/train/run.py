@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict, shards: int, model: Any) -> None
             raise ValueError(f"{what} decode images with the VQ: set data.images=True")
         if not config.data.tokenizer:
             raise ValueError(f"{what} need data.tokenizer")
+        from muddit_jax.eval.job import check_sampling
+
+        check_sampling(e)
     code_init_edit(config)  # raises on a bad model.code_init
     if config.checkpoint.every < 1 or config.log.every < 1:
         raise ValueError("checkpoint.every and log.every must be >= 1")
