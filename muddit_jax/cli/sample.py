@@ -37,19 +37,29 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """The pipeline of ``--workdir`` or ``--checkpoint`` and its T2I sampling options
-    (``guidance_scale``, ``temperature``): the flags, else the run's ``eval`` settings; with
-    ``--checkpoint`` only the flags given (the pipeline's defaults fill the rest)."""
-    t2i = dict(guidance_scale=args.guidance_scale, temperature=args.temperature)
+    """The pipeline of ``--workdir`` or ``--checkpoint`` and the sampling options of the task
+    asked for (T2I: ``guidance_scale``, ``temperature``, ``sampling``, ``top_k``; captions and
+    answers: ``sampling``): the flags, else the run's ``eval`` settings; with ``--checkpoint``
+    only the flags given (the pipeline's defaults fill the rest)."""
+    if args.prompt is not None:
+        given = dict(guidance_scale=args.guidance_scale, temperature=args.temperature,
+                     sampling=args.sampling, top_k=args.top_k)
+        fields = dict(guidance_scale="guidance_scale", temperature="temperature",
+                      sampling="sampling", top_k="top_k")
+    else:
+        given, fields = dict(sampling=args.sampling), dict(sampling="text_sampling")
     if args.checkpoint:
         from muddit_jax.pipeline import MudditPipeline
 
         pipe = MudditPipeline.from_converted(args.checkpoint, image_size=args.image_size)
-        return pipe, {k: v for k, v in t2i.items() if v is not None}
+        return pipe, {k: v for k, v in given.items() if v is not None}
     from muddit_jax.eval.job import pipeline_from_workdir
 
     config, pipe = pipeline_from_workdir(args.workdir, args.step, ema=args.ema)
-    return pipe, {k: config.eval[k] if v is None else v for k, v in t2i.items()}
+    # runs saved before a field existed fall back to the pipeline's default
+    run = {k: config.eval.get(f) for k, f in fields.items()}
+    return pipe, {k: run[k] if v is None else v for k, v in given.items()
+                  if v is not None or run[k] is not None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="T2I confidence-noise temperature, annealed from START to END (0 0 = keep "
                         "the most likely tokens); default: the run's eval.temperature or 2 0")
+    p.add_argument("--sampling", choices=("multinomial", "argmax", "top_k"), default=None,
+                   help="how each masked token's candidate is drawn (top_k: T2I only, with "
+                        "--top-k); default: the run's eval.sampling / eval.text_sampling")
+    p.add_argument("--top-k", type=int, default=None, help="with --sampling top_k")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.image is None):
@@ -80,15 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--question needs --image")
     if args.temperature is not None and args.prompt is None:
         p.error("--temperature applies to text-to-image (--prompt) only")
+    if args.prompt is None and (args.sampling == "top_k" or args.top_k is not None):
+        p.error("--sampling top_k / --top-k apply to text-to-image (--prompt) only")
+    if args.top_k is not None and (args.sampling != "top_k" or args.top_k < 1):
+        p.error("--top-k needs --sampling top_k and a value >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        pipe, t2i = load_pipeline(args)
+        pipe, options = load_pipeline(args)
         if args.prompt is not None:
-            image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed, **t2i)[0]
+            image = pipe.generate([args.prompt], steps=args.steps, seed=args.seed, **options)[0]
             from PIL import Image
 
             from muddit_jax.train.artifacts import save_png
@@ -98,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         image = load_image(args.image, pipe.image_size)[None]
         if args.question is None:
-            print(pipe.caption(image, steps=args.steps, seed=args.seed)[0])
+            print(pipe.caption(image, steps=args.steps, seed=args.seed, **options)[0])
         else:
-            print(pipe.answer(image, [args.question], steps=args.steps, seed=args.seed)[0])
+            print(pipe.answer(image, [args.question], steps=args.steps, seed=args.seed,
+                              **options)[0])
         return 0
     except (ValueError, PortError, FileNotFoundError) as e:
         print(f"muddit-sample: error: {e}", file=sys.stderr)
