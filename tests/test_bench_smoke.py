@@ -169,3 +169,17 @@ def test_code_probe_linear_probe_fits_and_transfers():
     fit, held = linear_probe(x, y, [(x, y), (x2, y2)])
     assert fit > 0.97 and held > 0.95
     assert linear_probe(x, y, [(x2, rng.permutation(y2))])[0] < 0.6
+
+
+def test_t2i_settings_parse():
+    from bench.t2i_settings import parse_setting
+
+    base = {"guidance_scale": 4.0, "steps": 16}
+    assert parse_setting("g=none,steps=64", base) == {"guidance_scale": None, "steps": 64}
+    assert parse_setting("g=1.5,temp=0:0,sampling=argmax", base) == {
+        "guidance_scale": 1.5, "steps": 16, "temperature": (0.0, 0.0), "sampling": "argmax"}
+    assert parse_setting("", base) == base
+    for bad, fragment in [("g", "key=value"), ("cfg=2", "key=value"), ("steps=x", "steps"),
+                          ("temp=1", "temp")]:
+        with pytest.raises(ValueError, match=fragment):
+            parse_setting(bad, base)

@@ -155,6 +155,25 @@ def test_prompt_effect_reads_the_run(run, tmp_path) -> None:
         prompt_effect.main(["--workdir", str(workdir), "--ratios", "0"])
 
 
+def test_t2i_settings_reads_the_run(run, tmp_path) -> None:
+    """``bench.t2i_settings``: one row per setting, in order; a repeated setting reproduces its
+    row (the eval job's per-prompt seeds); a bad setting fails before any sampling."""
+    from bench import t2i_settings
+
+    workdir, _ = run
+    settings = ["g=4,sampling=argmax,temp=0:0", "g=4,sampling=argmax,temp=0:0", "g=none"]
+    out = t2i_settings.main(["--smoke", "--workdir", str(workdir), "--split", "train",
+                             "--settings", *settings])
+    rows = next(iter(out["tables"].values()))
+    assert [r["setting"] for r in rows] == settings
+    assert rows[0] == rows[1]
+    for r in rows:
+        assert 0 <= r["t2i_overall"] <= 1 and 0 <= r["object_code_match"] <= 1
+        assert 0 <= r["code_match"] <= 1
+    with pytest.raises(SystemExit):
+        t2i_settings.main(["--workdir", str(workdir), "--settings", "guidance=4"])
+
+
 def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
     from muddit_jax.train.stages import run_stages
     from muddit_jax.train.config import base_config

@@ -1,0 +1,120 @@
+"""Benchmark 9: a run's text-to-image scores under sampler settings, and how close its codes are.
+
+For the first ``--prompts`` scenes of ``--split`` of a trained ``shapes`` run (``--workdir``),
+every setting generates one image per prompt (the eval job's per-example seeds) and reports the
+compositional detector's categories plus ``code_match``: the share of generated VQ codes equal
+to the codes of the scene the prompt was written from (``object_code_match``: on the codes that
+cover object pixels). On the training split of a run that has memorised its data the code match
+says whether the sampler reproduces what the model knows; on other splits it is a weak hint
+(a prompt fits many images). BENCHMARKS.md §1.11 found classifier-free guidance at the eval
+default (4) halving a memorised run's code match.
+
+A setting is ``key=value`` pairs joined by commas: ``g`` (guidance scale, or ``none``),
+``steps``, ``sampling`` (``multinomial`` | ``argmax`` | ``top_k``), ``top_k``, ``temp``
+(``start:end`` of the confidence temperature). Unset keys take the run's ``eval.*`` values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from bench.prompt_effect import object_codes
+from muddit_jax.data import shapes
+from muddit_jax.eval.base import example_seeds
+from muddit_jax.eval.compositional import category_scores, judge, shapes_prompts
+from muddit_jax.models import vq
+
+DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
+KEYS = ("g", "steps", "sampling", "top_k", "temp")
+
+
+def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``"g=1,steps=64"`` -> keyword arguments of ``MudditPipeline.generate``."""
+    out = dict(defaults)
+    for part in filter(None, spec.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in KEYS:
+            raise ValueError(f"setting {spec!r}: {part!r} is not key=value with a key in {KEYS}")
+        try:
+            if key == "g":
+                out["guidance_scale"] = None if value == "none" else float(value)
+            elif key in ("steps", "top_k"):
+                out[key] = int(value)
+            elif key == "temp":
+                start, end = value.split(":")
+                out["temperature"] = (float(start), float(end))
+            else:
+                out[key] = value
+        except ValueError as err:
+            raise ValueError(f"setting {spec!r}: bad value for {key} ({err}); "
+                             "e.g. g=none, steps=64, temp=2:0") from None
+    return out
+
+
+def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int = 32
+            ) -> list[dict[str, Any]]:
+    """One row per setting over the first ``n`` prompts of ``split`` (see the module doc)."""
+    from muddit_jax.eval.job import pipeline_from_workdir
+
+    config, pipe = pipeline_from_workdir(workdir)
+    if config.data.dataset != "shapes":
+        raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs 'shapes'")
+    e = config.eval
+    defaults = dict(steps=e.steps, guidance_scale=e.guidance_scale,
+                    temperature=tuple(e.temperature), sampling=e.get("sampling", "multinomial"),
+                    top_k=e.get("top_k", 0))
+    kwargs = [parse_setting(s, defaults) for s in settings]  # fail before any sampling
+    options = shapes.ShapesConfig(**dict(config.data.options))
+    prompts = shapes_prompts(options, split, n)
+    scenes = [shapes.generate(options, split, i) for i in range(n)]
+    truth = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(
+        np.stack([s.image for s in scenes]).astype(np.float32) / 255)))
+    objects = object_codes(options, scenes, truth.shape[1])
+    seeds = example_seeds([p["id"] for p in prompts], e.seed)
+    rows = []
+    for spec, kw in zip(settings, kwargs):
+        verdicts, codes = [], []
+        for i in range(0, n, batch):
+            chunk = prompts[i:i + batch]
+            images, c = pipe.generate([p["prompt"] for p in chunk], seed=seeds[i:i + batch],
+                                      return_codes=True, **kw)
+            codes.append(c)
+            verdicts += [judge(img, p["objects"], object_scale=p["object_scale"])
+                         for img, p in zip(images, chunk)]
+        same = np.concatenate(codes) == truth
+        scores = category_scores(verdicts)
+        rows.append(dict(setting=spec, t2i_overall=round(scores["overall"], 3),
+                         **{k: round(scores.get(k, float("nan")), 3)
+                            for k in ("single_object", "colors", "counting")},
+                         code_match=round(float(same.mean()), 3),
+                         object_code_match=round(float(same[objects].mean()), 3)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, required=True, help="a trained run on 'shapes'")
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--split", default="validation", help="train | validation | test")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
+                   help="e.g. g=4 g=1 g=none g=1,sampling=argmax g=4,steps=64")
+    args = p.parse_args(argv)
+    try:
+        for s in args.settings:
+            parse_setting(s, {})
+    except ValueError as err:
+        p.error(str(err))
+    rows = measure(args.workdir, 4 if args.smoke else args.prompts, args.split, args.settings,
+                   batch=4 if args.smoke else 32)
+    return common.finish("t2i_settings", args, {f"T2I by sampler setting, {args.split}":
+                                                (rows, None)})
+
+
+if __name__ == "__main__":
+    common.reexec_with_host_env("bench.t2i_settings")
+    main()
