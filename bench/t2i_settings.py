@@ -25,6 +25,7 @@ import numpy as np
 from bench import common
 from bench.prompt_effect import object_codes
 from muddit_jax.data import shapes
+from muddit_jax.data.shapes_tfds import record_id
 from muddit_jax.eval.base import example_seeds
 from muddit_jax.eval.compositional import category_scores, judge, shapes_prompts
 from muddit_jax.models import vq
@@ -75,7 +76,8 @@ def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int =
     truth = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(
         np.stack([s.image for s in scenes]).astype(np.float32) / 255)))
     objects = object_codes(options, scenes, truth.shape[1])
-    seeds = example_seeds([p["id"] for p in prompts], e.seed)
+    # the evaluation job's seeds: its g=<eval.guidance_scale> row is the job's t2i score
+    seeds = example_seeds([record_id(split, i) for i in range(n)], e.seed)
     rows = []
     for spec, kw in zip(settings, kwargs):
         verdicts, codes = [], []

@@ -157,19 +157,23 @@ def test_prompt_effect_reads_the_run(run, tmp_path) -> None:
 
 def test_t2i_settings_reads_the_run(run, tmp_path) -> None:
     """``bench.t2i_settings``: one row per setting, in order; a repeated setting reproduces its
-    row (the eval job's per-prompt seeds); a bad setting fails before any sampling."""
+    row; at the run's own settings it reproduces the evaluation job's t2i score (same prompts,
+    seeds and batches); a bad setting fails before any sampling."""
     from bench import t2i_settings
 
     workdir, _ = run
-    settings = ["g=4,sampling=argmax,temp=0:0", "g=4,sampling=argmax,temp=0:0", "g=none"]
-    out = t2i_settings.main(["--smoke", "--workdir", str(workdir), "--split", "train",
+    step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    job = json.loads((workdir / "eval" / str(step) / "summary.json").read_text())["t2i"]
+    settings = ["g=4", "g=4", "g=none,sampling=argmax,temp=0:0"]  # smoke eval: 8 prompts, g=4
+    out = t2i_settings.main(["--workdir", str(workdir), "--split", "test", "--prompts", "8",
                              "--settings", *settings])
     rows = next(iter(out["tables"].values()))
     assert [r["setting"] for r in rows] == settings
     assert rows[0] == rows[1]
+    assert rows[0]["t2i_overall"] == pytest.approx(job["overall"], abs=1e-3)
+    assert rows[0]["colors"] == pytest.approx(job["colors"], abs=1e-3)
     for r in rows:
-        assert 0 <= r["t2i_overall"] <= 1 and 0 <= r["object_code_match"] <= 1
-        assert 0 <= r["code_match"] <= 1
+        assert 0 <= r["object_code_match"] <= 1 and 0 <= r["code_match"] <= 1
     with pytest.raises(SystemExit):
         t2i_settings.main(["--workdir", str(workdir), "--settings", "guidance=4"])
 

@@ -24,12 +24,17 @@ from muddit_jax.data.shapes import (
 )
 
 
+def record_id(split: str, index: int) -> str:
+    """``image_id`` of example ``index`` of ``split`` (the evaluation job seeds samples by it)."""
+    return f"{split}/{index:08d}"
+
+
 def to_record(example: ShapesExample, split: str, index: int) -> dict[str, Any]:
     """The TFDS record of an example (see :meth:`Shapes._features`)."""
     scene, qa = example.scene, example.qa
     return {
         "image": encode_png(example.image),
-        "image_id": f"{split}/{index:08d}",
+        "image_id": record_id(split, index),
         "captions": list(example.captions),
         "vqa": {
             "question_id": [index * 16 + k for k in range(len(qa))],
