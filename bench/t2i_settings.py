@@ -1,7 +1,8 @@
 """Benchmark 9: a run's text-to-image scores under sampler settings, and how close its codes are.
 
-For the first ``--prompts`` scenes of ``--split`` of a trained ``shapes`` run (``--workdir``),
-every setting generates one image per prompt (the eval job's per-example seeds) and reports the
+For the evaluation job's first ``--prompts`` t2i examples of ``--split`` of a trained ``shapes``
+run (``--workdir``; same prompts, seeds and batches, so the row at the run's ``eval.*`` settings
+is the job's score), every setting generates one image per prompt and reports the
 compositional detector's categories plus ``code_match``: the share of generated VQ codes equal
 to the codes of the scene the prompt was written from (``object_code_match``: on the codes that
 cover object pixels). On the training split of a run that has memorised its data the code match
@@ -25,9 +26,8 @@ import numpy as np
 from bench import common
 from bench.prompt_effect import object_codes
 from muddit_jax.data import shapes
-from muddit_jax.data.shapes_tfds import record_id
 from muddit_jax.eval.base import example_seeds
-from muddit_jax.eval.compositional import category_scores, judge, shapes_prompts
+from muddit_jax.eval.compositional import category_scores, judge
 from muddit_jax.models import vq
 
 DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
@@ -60,7 +60,7 @@ def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int = 32
             ) -> list[dict[str, Any]]:
     """One row per setting over the first ``n`` prompts of ``split`` (see the module doc)."""
-    from muddit_jax.eval.job import pipeline_from_workdir
+    from muddit_jax.eval.job import pipeline_from_workdir, split_examples
 
     config, pipe = pipeline_from_workdir(workdir)
     if config.data.dataset != "shapes":
@@ -70,15 +70,17 @@ def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int =
                     temperature=tuple(e.temperature), sampling=e.get("sampling", "multinomial"),
                     top_k=e.get("top_k", 0))
     kwargs = [parse_setting(s, defaults) for s in settings]  # fail before any sampling
-    options = shapes.ShapesConfig(**dict(config.data.options))
-    prompts = shapes_prompts(options, split, n)
-    scenes = [shapes.generate(options, split, i) for i in range(n)]
+    config.eval.split = split
+    # the evaluation job's examples (TFDS order), seeds and batches: the row at the run's own
+    # eval settings is the job's t2i score
+    prompts = split_examples(config, "t2i", pipe.image_size, n)
+    options = shapes.ShapesConfig(**(dict(e.get("options") or {}) or dict(config.data.options)))
+    scenes = [shapes.generate(options, split, int(p["id"].rpartition("/")[2])) for p in prompts]
     truth = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(
         np.stack([s.image for s in scenes]).astype(np.float32) / 255)))
     objects = object_codes(options, scenes, truth.shape[1])
-    # the evaluation job's seeds: its g=<eval.guidance_scale> row is the job's t2i score
-    seeds = example_seeds([record_id(split, i) for i in range(n)], e.seed)
-    rows = []
+    seeds = example_seeds([p["id"] for p in prompts], e.seed)
+    n, rows = len(prompts), []
     for spec, kw in zip(settings, kwargs):
         verdicts, codes = [], []
         for i in range(0, n, batch):
@@ -86,7 +88,7 @@ def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int =
             images, c = pipe.generate([p["prompt"] for p in chunk], seed=seeds[i:i + batch],
                                       return_codes=True, **kw)
             codes.append(c)
-            verdicts += [judge(img, p["objects"], object_scale=p["object_scale"])
+            verdicts += [judge(img, p["objects"], object_scale=p.get("object_scale", 1.0))
                          for img, p in zip(images, chunk)]
         same = np.concatenate(codes) == truth
         scores = category_scores(verdicts)
