@@ -160,6 +160,7 @@ def test_t2i_settings_reads_the_run(run, tmp_path) -> None:
     row; at the run's own settings it reproduces the evaluation job's t2i score (same prompts,
     seeds and batches); a bad setting fails before any sampling."""
     from bench import t2i_settings
+    from muddit_jax.eval.compositional import CATEGORIES
 
     workdir, _ = run
     step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -171,7 +172,7 @@ def test_t2i_settings_reads_the_run(run, tmp_path) -> None:
     assert [r["setting"] for r in rows] == settings
     assert rows[0] == rows[1]
     assert rows[0]["t2i_overall"] == pytest.approx(job["overall"], abs=1e-3)
-    for key in ("single_object", "colors", "counting"):  # counting is > 0 on the smoke run
+    for key in CATEGORIES:  # counting is > 0 on the smoke run
         assert rows[0][key] == pytest.approx(job.get(key, float("nan")), abs=1e-3, nan_ok=True)
     for r in rows:
         assert 0 <= r["object_code_match"] <= 1 and 0 <= r["code_match"] <= 1
