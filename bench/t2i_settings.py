@@ -12,7 +12,8 @@ guidance at the eval default (4) halving a memorised run's code match.
 
 A setting is ``key=value`` pairs joined by commas: ``g`` (guidance scale, or ``none``),
 ``steps``, ``sampling`` (``multinomial`` | ``argmax`` | ``top_k``), ``top_k``, ``temp``
-(``start:end`` of the confidence temperature). Unset keys take the run's ``eval.*`` values.
+(``start:end`` of the confidence temperature), ``sched`` (guidance schedule: ``constant`` |
+``linear``). Unset keys take the run's ``eval.*`` values.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from muddit_jax.eval.compositional import CATEGORIES, category_scores, judge
 from muddit_jax.models import vq
 
 DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
-KEYS = ("g", "steps", "sampling", "top_k", "temp")
+KEYS = ("g", "steps", "sampling", "top_k", "temp", "sched")
 
 
 def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -49,6 +50,8 @@ def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
             elif key == "temp":
                 start, end = value.split(":")
                 out["temperature"] = (float(start), float(end))
+            elif key == "sched":
+                out["guidance_schedule"] = value
             else:
                 out[key] = value
         except ValueError as err:
@@ -68,7 +71,8 @@ def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int =
     e = config.eval
     defaults = dict(steps=e.steps, guidance_scale=e.guidance_scale,
                     temperature=tuple(e.temperature), sampling=e.get("sampling", "multinomial"),
-                    top_k=e.get("top_k", 0))
+                    top_k=e.get("top_k", 0),
+                    guidance_schedule=e.get("guidance_schedule", "constant"))
     kwargs = [parse_setting(s, defaults) for s in settings]  # fail before any sampling
     config.eval.split = split
     # the evaluation job's examples (TFDS order), seeds and batches: the row at the run's own

@@ -154,6 +154,7 @@ class MudditPipeline:
         temperature: tuple[float, float] = CONFIDENCE_TEMPERATURE,
         sampling: str = "multinomial",
         top_k: int = 0,
+        guidance_schedule: str = "constant",
         images: Any = None,
         keep: Any = None,
         return_codes: bool = False,
@@ -163,6 +164,8 @@ class MudditPipeline:
         scale of the Gumbel noise on token confidences (annealed linearly; ``(0, 0)`` keeps the
         most likely tokens). ``sampling`` = how a masked code's candidate is drawn from its
         logits: ``"multinomial"`` (upstream), ``"argmax"``, or ``"top_k"`` (with ``top_k``).
+        ``guidance_schedule="linear"`` ramps the scale from 0 at the first step to
+        ``guidance_scale`` at the last (open-muse's schedule), ``"constant"`` keeps it.
 
         Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
         VQ code grid; the codes of kept cells stay fixed and the others are generated.
@@ -176,6 +179,7 @@ class MudditPipeline:
             temperature=_float_tuple(temperature, "temperature"),
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
             timestep_mode=self.timestep_mode, sampling=sampling, top_k=int(top_k),
+            guidance_schedule=guidance_schedule,
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)

@@ -178,6 +178,7 @@ def test_t2i_settings_parse():
     assert parse_setting("g=none,steps=64", base) == {"guidance_scale": None, "steps": 64}
     assert parse_setting("g=1.5,temp=0:0,sampling=argmax", base) == {
         "guidance_scale": 1.5, "steps": 16, "temperature": (0.0, 0.0), "sampling": "argmax"}
+    assert parse_setting("g=4,sched=linear", base)["guidance_schedule"] == "linear"
     assert parse_setting("", base) == base
     for bad, fragment in [("g", "key=value"), ("cfg=2", "key=value"), ("steps=x", "steps"),
                           ("temp=1", "temp")]:

@@ -100,7 +100,7 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
 
     assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0],
                                           "timestep_mode": "pipeline", "sampling": "multinomial",
-                                          "top_k": 0}
+                                          "top_k": 0, "guidance_schedule": "constant"}
     assert settings("caption")["options"] == {"timestep_mode": "pipeline",
                                               "text_sampling": "multinomial"}
     stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
@@ -124,6 +124,16 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     for name, before in stamps.items():
         changed = (shards / name).stat().st_mtime_ns != before
         assert changed == name.startswith("caption"), name
+    # a guidance schedule recomputes the t2i shards only
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
+    assert eval_main(args + ["--config.eval.temperature=(0.0, 0.0)",
+                             "--config.eval.timestep_mode=ratio",
+                             "--config.eval.text_sampling=argmax",
+                             "--config.eval.guidance_schedule=linear"]) == 0
+    assert settings("t2i")["options"]["guidance_schedule"] == "linear"
+    for name, before in stamps.items():
+        changed = (shards / name).stat().st_mtime_ns != before
+        assert changed == name.startswith("t2i"), name
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -132,6 +142,7 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     (["--config.eval.sampling=top_k"], "eval.top_k=0 with eval.sampling='top_k'"),
     (["--config.eval.top_k=3"], "eval.top_k=3 with eval.sampling='multinomial'"),
     (["--config.eval.temperature=(1.0,)"], "temperature must be a (start, end) tuple"),
+    (["--config.eval.guidance_schedule=cosine"], "guidance_schedule must be one of"),
 ])
 def test_bad_sampling_settings_fail_before_any_work(run, tmp_path, capsys, flags, fragment):
     """muddit-eval and muddit-train refuse a bad eval sampler setting at start, naming it."""

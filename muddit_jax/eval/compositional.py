@@ -143,7 +143,7 @@ class CompositionalT2IEvaluator(Evaluator):
     are the detector's verdicts per generated image."""
 
     config_options = (*Evaluator.config_options, "guidance_scale", "temperature", "sampling",
-                      "top_k")
+                      "top_k", "guidance_schedule")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),
@@ -151,7 +151,9 @@ class CompositionalT2IEvaluator(Evaluator):
                                temperature=self.options.get("temperature",
                                                             CONFIDENCE_TEMPERATURE),
                                sampling=self.options.get("sampling", "multinomial"),
-                               top_k=self.options.get("top_k", 0))
+                               top_k=self.options.get("top_k", 0),
+                               guidance_schedule=self.options.get("guidance_schedule",
+                                                                  "constant"))
         return [judge(img, e["objects"], object_scale=e.get("object_scale", 1.0))
                 for img, e in zip(images, batch)]
 

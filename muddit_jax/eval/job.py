@@ -65,9 +65,11 @@ def check_sampling(e: ml_collections.ConfigDict) -> None:
                          "(sampling='top_k' and top_k >= 1) or neither")
     try:
         SamplerConfig(num_steps=e.steps, mask_id=0, temperature=tuple(e.temperature),
-                      sampling=e.sampling, top_k=e.top_k, timestep_mode=e.timestep_mode)
+                      sampling=e.sampling, top_k=e.top_k, timestep_mode=e.timestep_mode,
+                      guidance_schedule=e.get("guidance_schedule", "constant"))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"eval settings: {err} (eval.steps / temperature / timestep_mode)") from None
+        raise ValueError(f"eval settings: {err} (eval.steps / temperature / timestep_mode / "
+                         "guidance_schedule)") from None
 
 
 def local_mesh() -> jax.sharding.Mesh | None:
