@@ -27,8 +27,15 @@ import numpy as np
 from bench import common
 from bench.prompt_effect import object_codes
 from muddit_jax.data import shapes
+from muddit_jax.data.shapes_tfds import record_index
 from muddit_jax.eval.base import example_seeds
-from muddit_jax.eval.compositional import CATEGORIES, category_scores, judge
+from muddit_jax.eval.compositional import (
+    CATEGORIES,
+    CompositionalT2IEvaluator,
+    category_scores,
+    judge,
+    sampler_kwargs,
+)
 from muddit_jax.models import vq
 
 DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
@@ -63,23 +70,22 @@ def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int = 32
             ) -> list[dict[str, Any]]:
     """One row per setting over the first ``n`` prompts of ``split`` (see the module doc)."""
-    from muddit_jax.eval.job import pipeline_from_workdir, split_examples
+    from muddit_jax.eval.job import eval_data_options, pipeline_from_workdir, split_examples
 
     config, pipe = pipeline_from_workdir(workdir)
     if config.data.dataset != "shapes":
         raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs 'shapes'")
     e = config.eval
-    defaults = dict(steps=e.steps, guidance_scale=e.guidance_scale,
-                    temperature=tuple(e.temperature), sampling=e.get("sampling", "multinomial"),
-                    top_k=e.get("top_k", 0),
-                    guidance_schedule=e.get("guidance_schedule", "constant"))
+    # what the evaluation job's t2i evaluator would pass to the sampler
+    defaults = dict(steps=e.steps, **sampler_kwargs(
+        {k: e[k] for k in CompositionalT2IEvaluator.config_options if k in e}))
     kwargs = [parse_setting(s, defaults) for s in settings]  # fail before any sampling
     config.eval.split = split
     # the evaluation job's examples (TFDS order), seeds and batches: the row at the run's own
     # eval settings is the job's t2i score
     prompts = split_examples(config, "t2i", pipe.image_size, n)
-    options = shapes.ShapesConfig(**(dict(e.get("options") or {}) or dict(config.data.options)))
-    scenes = [shapes.generate(options, split, int(p["id"].rpartition("/")[2])) for p in prompts]
+    options = shapes.ShapesConfig(**eval_data_options(config))
+    scenes = [shapes.generate(options, split, record_index(p["id"])) for p in prompts]
     truth = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(
         np.stack([s.image for s in scenes]).astype(np.float32) / 255)))
     objects = object_codes(options, scenes, truth.shape[1])

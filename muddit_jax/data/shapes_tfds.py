@@ -29,6 +29,11 @@ def record_id(split: str, index: int) -> str:
     return f"{split}/{index:08d}"
 
 
+def record_index(image_id: str) -> int:
+    """The example index of a :func:`record_id` (``"test/00000042"`` -> 42)."""
+    return int(image_id.rpartition("/")[2])
+
+
 def to_record(example: ShapesExample, split: str, index: int) -> dict[str, Any]:
     """The TFDS record of an example (see :meth:`Shapes._features`)."""
     scene, qa = example.scene, example.qa

@@ -137,6 +137,16 @@ def shapes_prompts(config: shapes.ShapesConfig, split: str, n: int) -> list[dict
     return out
 
 
+def sampler_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``MudditPipeline.generate`` keyword arguments from the t2i evaluator's options (the
+    ``eval.*`` fields of :attr:`CompositionalT2IEvaluator.config_options`), with its defaults."""
+    return dict(guidance_scale=options.get("guidance_scale", 9.0),
+                temperature=options.get("temperature", CONFIDENCE_TEMPERATURE),
+                sampling=options.get("sampling", "multinomial"),
+                top_k=options.get("top_k", 0),
+                guidance_schedule=options.get("guidance_schedule", "constant"))
+
+
 @register("t2i")
 class CompositionalT2IEvaluator(Evaluator):
     """Examples: ``{"id", "prompt", "objects": [{color, shape, size, bbox}, ...]}``; predictions
@@ -147,13 +157,7 @@ class CompositionalT2IEvaluator(Evaluator):
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),
-                               guidance_scale=self.options.get("guidance_scale", 9.0),
-                               temperature=self.options.get("temperature",
-                                                            CONFIDENCE_TEMPERATURE),
-                               sampling=self.options.get("sampling", "multinomial"),
-                               top_k=self.options.get("top_k", 0),
-                               guidance_schedule=self.options.get("guidance_schedule",
-                                                                  "constant"))
+                               **sampler_kwargs(self.options))
         return [judge(img, e["objects"], object_scale=e.get("object_scale", 1.0))
                 for img, e in zip(images, batch)]
 

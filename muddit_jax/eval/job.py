@@ -31,11 +31,17 @@ def eval_dir(workdir: str | Path, step: int, split: str) -> Path:
     return Path(workdir) / "eval" / (str(step) if split == "test" else f"{step}-{split}")
 
 
+def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The builder options the evaluation reads its dataset with: ``eval.options``, else
+    ``data.options``."""
+    return dict(config.eval.get("options") or {}) or dict(config.data.options)
+
+
 def split_examples(config: ml_collections.ConfigDict, task: str, image_size: int,
                    limit: int | None) -> list[dict[str, Any]]:
     """The first ``limit`` ``task`` examples of ``eval.dataset`` / ``eval.split``, read with
-    ``eval.options`` (else ``data.options``) from ``data.data_dir``."""
-    options = dict(config.eval.get("options") or {}) or dict(config.data.options)
+    :func:`eval_data_options` from ``data.data_dir``."""
+    options = eval_data_options(config)
     return eval_examples(task, config.eval.dataset, config.eval.split, image_size=image_size,
                          limit=limit, data_dir=config.data.data_dir or None, **options)
 
