@@ -13,7 +13,7 @@ guidance at the eval default (4) halving a memorised run's code match.
 A setting is ``key=value`` pairs joined by commas: ``g`` (guidance scale, or ``none``),
 ``steps``, ``sampling`` (``multinomial`` | ``argmax`` | ``top_k``), ``top_k``, ``temp``
 (``start:end`` of the confidence temperature), ``sched`` (guidance schedule: ``constant`` |
-``linear``). Unset keys take the run's ``eval.*`` values.
+``linear`` | ``decay``). Unset keys take the run's ``eval.*`` values.
 """
 
 from __future__ import annotations

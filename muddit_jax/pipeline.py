@@ -165,7 +165,8 @@ class MudditPipeline:
         most likely tokens). ``sampling`` = how a masked code's candidate is drawn from its
         logits: ``"multinomial"`` (upstream), ``"argmax"``, or ``"top_k"`` (with ``top_k``).
         ``guidance_schedule="linear"`` ramps the scale from 0 at the first step to
-        ``guidance_scale`` at the last (open-muse's schedule), ``"constant"`` keeps it.
+        ``guidance_scale`` at the last (open-muse's schedule), ``"decay"`` from ``guidance_scale`` down
+        to 1 (no guidance) at the last, ``"constant"`` keeps it.
 
         Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
         VQ code grid; the codes of kept cells stay fixed and the others are generated.

@@ -58,7 +58,7 @@ def test_guidance_none_and_scale_one_agree(pipe):
 
 def test_linear_guidance_schedule_starts_unconditional(pipe):
     """``guidance_schedule="linear"`` ramps the scale from 0: a one-step sample is the empty
-    prompt's sample; a bad schedule names the field."""
+    prompt's sample ("decay" starts at the full scale); a bad schedule names the field."""
     kw = dict(steps=1, seed=3, sampling="argmax", temperature=(0.0, 0.0), return_codes=True)
     _, ramped = pipe.generate(["a red circle", "a blue square"], guidance_scale=5.0,
                               guidance_schedule="linear", **kw)
@@ -66,6 +66,10 @@ def test_linear_guidance_schedule_starts_unconditional(pipe):
     _, constant = pipe.generate(["a red circle", "a blue square"], guidance_scale=5.0, **kw)
     np.testing.assert_array_equal(ramped, empty)
     assert not np.array_equal(ramped, constant)
+    # "decay" starts at the full scale: a one-step sample is the constant schedule's
+    _, decayed = pipe.generate(["a red circle", "a blue square"], guidance_scale=5.0,
+                               guidance_schedule="decay", **kw)
+    np.testing.assert_array_equal(decayed, constant)
     with pytest.raises(ValueError, match="guidance_schedule"):
         pipe.generate(["a red circle"], guidance_scale=5.0, guidance_schedule="cosine", steps=2)
 

@@ -123,12 +123,15 @@ def test_classifier_free_guidance_formula_and_scale_one() -> None:
     assert np.any(np.asarray(strong) != np.asarray(plain))
 
 
-def test_linear_guidance_schedule_and_timesteps() -> None:
+def test_guidance_schedules_and_timesteps() -> None:
     from muddit_jax.diffusion.sampler import guidance_scale_at
 
     c = cfg(guidance_scale=4.0, guidance_schedule="linear")
     scales = jnp.stack([guidance_scale_at(jnp.int32(i), c) for i in range(T)])
     assert_close(scales, np.linspace(0, 4, T), 1e-6)
+    c = cfg(guidance_scale=4.0, guidance_schedule="decay")
+    scales = jnp.stack([guidance_scale_at(jnp.int32(i), c) for i in range(T)])
+    assert_close(scales, np.linspace(4, 1, T), 1e-6)
     assert_close(guidance_scale_at(jnp.int32(3), cfg(guidance_scale=4.0)), 4.0, 1e-7)
     steps = [jnp.int32(i) for i in range(T)]
     pipeline = jnp.stack([model_timestep(s, cfg()) for s in steps])

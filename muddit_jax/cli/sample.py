@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from muddit_jax.diffusion.sampler import GUIDANCE_SCHEDULES
 from muddit_jax.port.mapping import PortError
 
 
@@ -38,14 +39,15 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The pipeline of ``--workdir`` or ``--checkpoint`` and the sampling options of the task
-    asked for (T2I: ``guidance_scale``, ``temperature``, ``sampling``, ``top_k``; captions and
+    asked for (T2I: ``guidance_scale``, ``guidance_schedule``, ``temperature``, ``sampling``,
+    ``top_k``; captions and
     answers: ``sampling``): the flags, else the run's ``eval`` settings; with ``--checkpoint``
     only the flags given (the pipeline's defaults fill the rest)."""
     if args.prompt is not None:
-        given = dict(guidance_scale=args.guidance_scale, temperature=args.temperature,
+        given = dict(guidance_scale=args.guidance_scale,
+                     guidance_schedule=args.guidance_schedule, temperature=args.temperature,
                      sampling=args.sampling, top_k=args.top_k)
-        fields = dict(guidance_scale="guidance_scale", temperature="temperature",
-                      sampling="sampling", top_k="top_k")
+        fields = {k: k for k in given}
     else:
         given, fields = dict(sampling=args.sampling), dict(sampling="text_sampling")
     if args.checkpoint:
@@ -79,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="default: the run's eval.guidance_scale (--workdir) or 9")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default=None,
+                   help="how the scale moves over the steps: constant, linear (0 up to the "
+                        "scale) or decay (the scale down to 1); default: the run's "
+                        "eval.guidance_schedule or constant")
     p.add_argument("--temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="T2I confidence-noise temperature, annealed from START to END (0 0 = keep "
                         "the most likely tokens); default: the run's eval.temperature or 2 0")
@@ -92,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("pass exactly one of --prompt (text-to-image) or --image (caption / VQA)")
     if args.question is not None and args.image is None:
         p.error("--question needs --image")
-    if args.temperature is not None and args.prompt is None:
-        p.error("--temperature applies to text-to-image (--prompt) only")
+    for flag in ("temperature", "guidance_schedule"):
+        if getattr(args, flag) is not None and args.prompt is None:
+            p.error(f"--{flag.replace('_', '-')} applies to text-to-image (--prompt) only")
     if args.prompt is None and (args.sampling == "top_k" or args.top_k is not None):
         p.error("--sampling top_k / --top-k apply to text-to-image (--prompt) only")
     if args.top_k is not None and (args.sampling != "top_k" or args.top_k < 1):

@@ -39,6 +39,8 @@ LogitsFn = Callable[[Any, Array, Array], Array]
 SAMPLING = ("multinomial", "argmax", "top_k", "top_p")
 # the timestep fed at each step (see :func:`model_timestep`)
 TIMESTEP_MODES = ("pipeline", "ratio")
+# how the guidance scale moves over the steps (see :func:`guidance_scale_at`)
+GUIDANCE_SCHEDULES = ("constant", "linear", "decay")
 # (start, end) scale of the Gumbel noise on token confidences, annealed linearly over the steps
 CONFIDENCE_TEMPERATURE = (2.0, 0.0)
 
@@ -50,7 +52,9 @@ class SamplerConfig:
     ``guidance_scale=None`` means no classifier-free guidance and a plain ``logits_fn``; a float
     (1.0 included) means ``logits_fn`` takes a doubled batch (cond rows, then uncond rows) and is
     combined as ``uncond + s * (cond - uncond)``. ``guidance_schedule="linear"`` ramps ``s`` as
-    ``linspace(0, guidance_scale, T)`` (open-muse's linear guidance schedule).
+    ``linspace(0, guidance_scale, T)`` (open-muse's linear guidance schedule); ``"decay"`` as
+    ``linspace(guidance_scale, 1, T)`` (guided while the layout is drawn, conditional-only at the
+    end).
     """
 
     num_steps: int
@@ -70,7 +74,7 @@ class SamplerConfig:
         get_schedule(self.schedule)
         checks = {
             "sampling": (self.sampling, SAMPLING),
-            "guidance_schedule": (self.guidance_schedule, ("constant", "linear")),
+            "guidance_schedule": (self.guidance_schedule, GUIDANCE_SCHEDULES),
             "timestep_mode": (self.timestep_mode, TIMESTEP_MODES),
             "mask_len_base": (self.mask_len_base, ("length", "unknown")),
         }
@@ -217,10 +221,14 @@ def denoise_step(
 
 
 def guidance_scale_at(step: Array, cfg: SamplerConfig) -> Array:
-    """Guidance scale used at ``step``: constant, or ``linspace(0, s, T)[step]``."""
+    """Guidance scale used at ``step``: constant ``s``, ``linspace(0, s, T)[step]`` ("linear") or
+    ``linspace(s, 1, T)[step]`` ("decay")."""
     s = jnp.float32(cfg.guidance_scale)
+    frac = step.astype(jnp.float32) / max(cfg.num_steps - 1, 1)
     if cfg.guidance_schedule == "linear":
-        return s * step.astype(jnp.float32) / max(cfg.num_steps - 1, 1)
+        return s * frac
+    if cfg.guidance_schedule == "decay":
+        return s + (1.0 - s) * frac
     return s
 
 

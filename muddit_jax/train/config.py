@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
         # "argmax" | "top_k" (with top_k); captions and answers "multinomial" | "argmax"
         sampling="multinomial", top_k=0, text_sampling="multinomial",
         # T2I guidance scale per step: "constant" | "linear" (0 at the first step up to
-        # guidance_scale at the last, open-muse's schedule)
+        # guidance_scale at the last, open-muse's schedule) | "decay" (guidance_scale at the
+        # first step down to 1 at the last)
         guidance_schedule="constant",
         # timestep fed while sampling (every task): "pipeline" = (T-1-i)/T as Muddit's released
         # pipeline (ported checkpoints); "ratio" = the input's mask ratio, as training feeds it
