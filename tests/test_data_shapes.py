@@ -218,6 +218,36 @@ def test_object_scale_grows_every_object_and_keeps_the_scene_rules():
     assert sides == {10, 15}  # 6 and 10 px at scale 1
 
 
+def test_position_step_puts_every_corner_on_the_grid():
+    """``position_step=4`` places bboxes on the MM-DiT's 4-px token grid; every other scene rule
+    holds, the build gets its own name (step 1 keeps the old one), and free placement uses
+    every offset."""
+    opts = dict(resolution=32, max_objects=3, object_scale=1.5)
+    free, snapped = shapes.ShapesConfig(**opts), shapes.ShapesConfig(**opts, position_step=4)
+    assert snapped.name == free.name + "_step4"
+    assert shapes.ShapesConfig(**opts, position_step=1).name == free.name
+    margin, gap = shapes.margins(32)
+    offsets = set()
+    for i in range(60):
+        scene = shapes.generate(snapped, "test", i).scene
+        assert 1 <= len(scene.objects) <= 3
+        assert (scene.objects[0].color, scene.objects[0].shape) in shapes.HELD_OUT
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.bbox
+            assert x0 % 4 == 0 and y0 % 4 == 0
+            assert margin <= min(x0, y0) and max(x1, y1) <= 32 - margin
+        for a, b in itertools.combinations(scene.objects, 2):
+            assert shapes._separated(a.bbox, b.bbox, gap)
+        offsets |= {o.bbox[0] % 4 for o in shapes.generate(free, "test", i).scene.objects}
+    assert offsets == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("step", [0, -2, 2.0, 20])
+def test_bad_position_step_names_the_field(step):
+    with pytest.raises(ValueError, match="position_step"):
+        shapes.ShapesConfig(resolution=32, object_scale=1.5, position_step=step)
+
+
 @pytest.mark.parametrize("scale", [0, -1.0, 0.3, 3.5])
 def test_bad_object_scale_names_the_field(scale):
     with pytest.raises(ValueError, match="object_scale"):

@@ -76,6 +76,7 @@ class ShapesConfig:
     max_objects: int = 4
     textures: tuple[str, ...] = TEXTURES  # background textures drawn from (``plain`` = flat)
     object_scale: float = 1.0  # multiplies every :data:`SIZES` fraction (bigger, easier shapes)
+    position_step: int = 1  # bbox corners on multiples of this many pixels (1 = anywhere)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "textures", tuple(self.textures))
@@ -97,6 +98,13 @@ class ShapesConfig:
                 f"shapes: object_scale={self.object_scale} makes objects smaller than 3 px or "
                 f"larger than a {self.resolution} px image; keep object_scale * "
                 f"{SIZES['large']} * resolution within the image")
+        step = self.position_step
+        if not (isinstance(step, int) and step >= 1
+                and _positions(margin, self.resolution - margin - side(
+                    "large", self.resolution, self.object_scale), step)):
+            raise ValueError(
+                f"shapes: position_step={step!r} leaves a large object no position in a "
+                f"{self.resolution} px image; use an integer >= 1 (1 = any pixel)")
         if not 1 <= self.max_objects <= 4:
             raise ValueError(f"shapes: max_objects={self.max_objects} must be in [1, 4]")
         for split in SPLITS:
@@ -109,6 +117,8 @@ class ShapesConfig:
                 f"{self.num_test}_max{self.max_objects}")
         if self.object_scale != 1.0:
             name += f"_scale{self.object_scale:g}"
+        if self.position_step != 1:
+            name += f"_step{self.position_step}"
         return name if self.textures == TEXTURES else name + "_" + "-".join(self.textures)
 
     def num_examples(self, split: str) -> int:
@@ -181,12 +191,21 @@ def _separated(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
             or b[3] + gap <= a[1])
 
 
-def _place(rng: np.random.Generator, s: int, boxes: list[tuple[int, ...]], resolution: int
-           ) -> tuple[int, int, int, int] | None:
+def _positions(lo: int, hi: int, step: int) -> list[int]:
+    """Multiples of ``step`` in ``[lo, hi]``."""
+    return list(range(-(-lo // step) * step, hi + 1, step))
+
+
+def _place(rng: np.random.Generator, s: int, boxes: list[tuple[int, ...]], resolution: int,
+           step: int = 1) -> tuple[int, int, int, int] | None:
     margin, gap = margins(resolution)
     hi = resolution - margin - s
+    grid = None if step == 1 else np.asarray(_positions(margin, hi, step))
     for _ in range(PLACEMENT_TRIES):
-        x0, y0 = (int(v) for v in rng.integers(margin, hi + 1, size=2))
+        if grid is None:  # the draws of builds made before position_step existed
+            x0, y0 = (int(v) for v in rng.integers(margin, hi + 1, size=2))
+        else:
+            x0, y0 = (int(v) for v in grid[rng.integers(len(grid), size=2)])
         box = (x0, y0, x0 + s, y0 + s)
         if all(_separated(box, b, gap) for b in boxes):
             return box
@@ -216,10 +235,11 @@ def sample_scene(config: ShapesConfig, split: str, rng: np.random.Generator) -> 
     objects: list[ShapeObject] = []
     for color, shape in pairs:
         size = _pick(rng, tuple(SIZES))
-        box = _place(rng, side(size, res, scale), [o.bbox for o in objects], res)
+        boxes = [o.bbox for o in objects]
+        box = _place(rng, side(size, res, scale), boxes, res, config.position_step)
         if box is None and size != "small":
             size = "small"
-            box = _place(rng, side(size, res, scale), [o.bbox for o in objects], res)
+            box = _place(rng, side(size, res, scale), boxes, res, config.position_step)
         if box is not None:
             objects.append(ShapeObject(shape, color, size, box))
     background, texture = _pick(rng, tuple(BACKGROUNDS)), _pick(rng, TEXTURES)
