@@ -128,7 +128,7 @@ def make_loop(model, size, task, cfg) -> Callable:
         if cfg.guidance_scale is None:
             logits = fn(context, state, t)
         else:
-            logits = classifier_free_guidance(fn, guidance_scale_at(step, cfg))(context, state, t)
+            logits = classifier_free_guidance(fn, guidance_scale_at(step, cfg), cfg)(context, state, t)
         k_sample, k_conf = jax.random.split(jax.random.fold_in(rng, step))
         vocab = min(cfg.vocab_limit or logits.shape[-1], logits.shape[-1])
         sample_gumbel = jax.random.gumbel(k_sample, (b, n, vocab), jnp.float32)

@@ -13,7 +13,7 @@ guidance at the eval default (4) halving a memorised run's code match.
 A setting is ``key=value`` pairs joined by commas: ``g`` (guidance scale, or ``none``),
 ``steps``, ``sampling`` (``multinomial`` | ``argmax`` | ``top_k``), ``top_k``, ``temp``
 (``start:end`` of the confidence temperature), ``sched`` (guidance schedule: ``constant`` |
-``linear`` | ``decay``). Unset keys take the run's ``eval.*`` values.
+``linear`` | ``decay``), ``plaus`` (guidance plausibility, e.g. ``0.1``). Unset keys take the run's ``eval.*`` values.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from muddit_jax.eval.compositional import (
 from muddit_jax.models import vq
 
 DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
-KEYS = ("g", "steps", "sampling", "top_k", "temp", "sched")
+KEYS = ("g", "steps", "sampling", "top_k", "temp", "sched", "plaus")
 
 
 def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +59,8 @@ def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
                 out["temperature"] = (float(start), float(end))
             elif key == "sched":
                 out["guidance_schedule"] = value
+            elif key == "plaus":
+                out["guidance_plausibility"] = float(value)
             else:
                 out[key] = value
         except ValueError as err:

@@ -155,6 +155,7 @@ class MudditPipeline:
         sampling: str = "multinomial",
         top_k: int = 0,
         guidance_schedule: str = "constant",
+        guidance_plausibility: float = 0.0,
         images: Any = None,
         keep: Any = None,
         return_codes: bool = False,
@@ -166,7 +167,9 @@ class MudditPipeline:
         logits: ``"multinomial"`` (upstream), ``"argmax"``, or ``"top_k"`` (with ``top_k``).
         ``guidance_schedule="linear"`` ramps the scale from 0 at the first step to
         ``guidance_scale`` at the last (open-muse's schedule), ``"decay"`` from ``guidance_scale`` down
-        to 1 (no guidance) at the last, ``"constant"`` keeps it.
+        to 1 (no guidance) at the last, ``"constant"`` keeps it. ``guidance_plausibility=a``
+        (e.g. 0.1; 0 = off) lets guidance choose only among codes the conditional branch gives
+        at least ``a`` times its top code's probability.
 
         Inpainting (completion): pass ``images [b, H, W, 3]`` and ``keep [b, h, w]`` bool over the
         VQ code grid; the codes of kept cells stay fixed and the others are generated.
@@ -181,6 +184,7 @@ class MudditPipeline:
             guidance_scale=None if guidance_scale is None else float(guidance_scale),
             timestep_mode=self.timestep_mode, sampling=sampling, top_k=int(top_k),
             guidance_schedule=guidance_schedule,
+            guidance_plausibility=float(guidance_plausibility),
         )
         ids = self.tokenizer.encode(list(prompts), self.text_length)
         empty = self.tokenizer.encode([""] * len(prompts), self.text_length)

@@ -179,6 +179,7 @@ def test_t2i_settings_parse():
     assert parse_setting("g=1.5,temp=0:0,sampling=argmax", base) == {
         "guidance_scale": 1.5, "steps": 16, "temperature": (0.0, 0.0), "sampling": "argmax"}
     assert parse_setting("g=4,sched=linear", base)["guidance_schedule"] == "linear"
+    assert parse_setting("g=4,plaus=0.1", base)["guidance_plausibility"] == 0.1
     assert parse_setting("", base) == base
     for bad, fragment in [("g", "key=value"), ("cfg=2", "key=value"), ("steps=x", "steps"),
                           ("temp=1", "temp")]:

@@ -100,7 +100,8 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
 
     assert settings("t2i")["options"] == {"guidance_scale": 2.0, "temperature": [2.0, 0.0],
                                           "timestep_mode": "pipeline", "sampling": "multinomial",
-                                          "top_k": 0, "guidance_schedule": "constant"}
+                                          "top_k": 0, "guidance_schedule": "constant",
+                                          "guidance_plausibility": 0.0}
     assert settings("caption")["options"] == {"timestep_mode": "pipeline",
                                               "text_sampling": "multinomial"}
 
@@ -129,6 +130,9 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     flags.append("--config.eval.guidance_schedule=linear")
     assert recomputed(*flags) == {"t2i"}
     assert settings("t2i")["options"]["guidance_schedule"] == "linear"
+    flags.append("--config.eval.guidance_plausibility=0.1")
+    assert recomputed(*flags) == {"t2i"}
+    assert settings("t2i")["options"]["guidance_plausibility"] == 0.1
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -138,6 +142,7 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     (["--config.eval.top_k=3"], "eval.top_k=3 with eval.sampling='multinomial'"),
     (["--config.eval.temperature=(1.0,)"], "temperature must be a (start, end) tuple"),
     (["--config.eval.guidance_schedule=cosine"], "guidance_schedule must be one of"),
+    (["--config.eval.guidance_plausibility=1.5"], "guidance_plausibility must be in [0, 1)"),
 ])
 def test_bad_sampling_settings_fail_before_any_work(run, tmp_path, capsys, flags, fragment):
     """muddit-eval and muddit-train refuse a bad eval sampler setting at start, naming it."""

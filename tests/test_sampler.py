@@ -123,6 +123,28 @@ def test_classifier_free_guidance_formula_and_scale_one() -> None:
     assert np.any(np.asarray(strong) != np.asarray(plain))
 
 
+def test_guidance_plausibility_keeps_only_what_the_conditional_allows() -> None:
+    """Guidance can promote a code both branches rule out (here the uncond branch rules it out
+    harder); the plausibility constraint keeps guided logits only on codes with at least
+    ``a`` times the conditional top probability, and ``a = 0`` is plain guidance bit for bit."""
+    cond = jnp.asarray([[[0.0, -1.0, -5.0, 3.0]]])  # id 3 = the mask id: never plausible
+    uncond = jnp.asarray([[[0.0, -1.0, -9.0, 3.0]]])
+    ctx = {"both": jnp.concatenate([cond, uncond])}
+    toks, t = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,))
+    c = SamplerConfig(num_steps=T, mask_id=3, guidance_scale=4.0)
+    plain = classifier_free_guidance(lambda c_, x, t_: c_["both"], 4.0)(ctx, toks, t)
+    assert int(jnp.argmax(plain[0, 0, :3])) == 2  # -5 + 3 * 4 = 7: the implausible id wins
+    off = classifier_free_guidance(lambda c_, x, t_: c_["both"], 4.0, c)(ctx, toks, t)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(plain))
+    on = dataclasses.replace(c, guidance_plausibility=0.1)  # keeps ids within log(10) of the top
+    kept = classifier_free_guidance(lambda c_, x, t_: c_["both"], 4.0, on)(ctx, toks, t)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(kept[0, 0])), [True, True, False, False])
+    assert_close(kept[0, 0, :2], plain[0, 0, :2], 1e-6)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="guidance_plausibility"):
+            dataclasses.replace(c, guidance_plausibility=bad)
+
+
 def test_guidance_schedules_and_timesteps() -> None:
     from muddit_jax.diffusion.sampler import guidance_scale_at
 

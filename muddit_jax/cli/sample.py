@@ -39,13 +39,14 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The pipeline of ``--workdir`` or ``--checkpoint`` and the sampling options of the task
-    asked for (T2I: ``guidance_scale``, ``guidance_schedule``, ``temperature``, ``sampling``,
-    ``top_k``; captions and
+    asked for (T2I: ``guidance_scale``, ``guidance_schedule``, ``guidance_plausibility``,
+    ``temperature``, ``sampling``, ``top_k``; captions and
     answers: ``sampling``): the flags, else the run's ``eval`` settings; with ``--checkpoint``
     only the flags given (the pipeline's defaults fill the rest)."""
     if args.prompt is not None:
         given = dict(guidance_scale=args.guidance_scale,
-                     guidance_schedule=args.guidance_schedule, temperature=args.temperature,
+                     guidance_schedule=args.guidance_schedule,
+                     guidance_plausibility=args.guidance_plausibility, temperature=args.temperature,
                      sampling=args.sampling, top_k=args.top_k)
         fields = {k: k for k in given}
     else:
@@ -85,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how the scale moves over the steps: constant, linear (0 up to the "
                         "scale) or decay (the scale down to 1); default: the run's "
                         "eval.guidance_schedule or constant")
+    p.add_argument("--guidance-plausibility", type=float, default=None, metavar="A",
+                   help="guidance picks only among codes with at least A times the top code's "
+                        "conditional probability (0 = off); default: the run's "
+                        "eval.guidance_plausibility or 0")
     p.add_argument("--temperature", type=float, nargs=2, default=None, metavar=("START", "END"),
                    help="T2I confidence-noise temperature, annealed from START to END (0 0 = keep "
                         "the most likely tokens); default: the run's eval.temperature or 2 0")
@@ -98,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("pass exactly one of --prompt (text-to-image) or --image (caption / VQA)")
     if args.question is not None and args.image is None:
         p.error("--question needs --image")
-    for flag in ("temperature", "guidance_schedule"):
+    for flag in ("temperature", "guidance_schedule", "guidance_plausibility"):
         if getattr(args, flag) is not None and args.prompt is None:
             p.error(f"--{flag.replace('_', '-')} applies to text-to-image (--prompt) only")
     if args.prompt is None and (args.sampling == "top_k" or args.top_k is not None):

@@ -54,7 +54,10 @@ class SamplerConfig:
     combined as ``uncond + s * (cond - uncond)``. ``guidance_schedule="linear"`` ramps ``s`` as
     ``linspace(0, guidance_scale, T)`` (open-muse's linear guidance schedule); ``"decay"`` as
     ``linspace(guidance_scale, 1, T)`` (guided while the layout is drawn, conditional-only at the
-    end).
+    end). ``guidance_plausibility=a > 0`` keeps only ids whose conditional probability is at least
+    ``a`` times the most likely id's (contrastive decoding's adaptive plausibility constraint):
+    guidance then re-ranks what the conditional branch finds plausible and cannot promote ids
+    it rules out.
     """
 
     num_steps: int
@@ -66,6 +69,7 @@ class SamplerConfig:
     top_p: float = 1.0
     guidance_scale: float | None = None
     guidance_schedule: str = "constant"
+    guidance_plausibility: float = 0.0
     vocab_limit: int | None = None
     timestep_mode: str = "pipeline"
     mask_len_base: str = "length"
@@ -88,6 +92,9 @@ class SamplerConfig:
                 and all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in t)):
             raise ValueError(f"temperature must be a (start, end) tuple of two finite numbers "
                              f">= 0 (e.g. (2.0, 0.0)), got {t!r}")
+        if not 0.0 <= self.guidance_plausibility < 1.0:
+            raise ValueError(f"guidance_plausibility must be in [0, 1) (0 = off, e.g. 0.1), got "
+                             f"{self.guidance_plausibility!r}")
         if self.sampling == "top_k" and self.top_k < 1:
             raise ValueError("sampling='top_k' needs top_k >= 1")
 
@@ -97,14 +104,17 @@ class SamplerConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def classifier_free_guidance(logits_fn: LogitsFn, scale: float | Array) -> LogitsFn:
+def classifier_free_guidance(
+    logits_fn: LogitsFn, scale: float | Array, cfg: SamplerConfig | None = None
+) -> LogitsFn:
     """Wrap a doubled-batch ``logits_fn`` into a guided one.
 
     The wrapped function receives ``tokens [2b, n]`` / ``timestep [2b]`` (rows ``[0, b)`` use the
     conditional context, rows ``[b, 2b)`` the unconditional one -- the context holds both) and the
     result is ``uncond + scale * (cond - uncond)`` ``[b, n, V]`` (f32), computed as
     ``cond + (scale - 1) * (cond - uncond)`` so that ``scale == 1`` returns ``cond`` bit-exactly.
-    ``scale`` may be traced.
+    ``scale`` may be traced. With ``cfg.guidance_plausibility > 0`` the result is
+    :func:`prepare_logits`'d and ids outside the conditional branch's plausible set are ``-inf``.
     """
 
     def guided(context: Any, tokens: Array, timestep: Array) -> Array:
@@ -113,7 +123,12 @@ def classifier_free_guidance(logits_fn: LogitsFn, scale: float | Array) -> Logit
             context, jnp.concatenate([tokens, tokens]), jnp.concatenate([timestep, timestep])
         ).astype(jnp.float32)
         cond, uncond = both[:b], both[b:]
-        return cond + (scale - 1.0) * (cond - uncond)
+        out = cond + (scale - 1.0) * (cond - uncond)
+        if cfg is None or cfg.guidance_plausibility == 0.0:
+            return out
+        cond = prepare_logits(cond, cfg)
+        cut = jnp.max(cond, axis=-1, keepdims=True) + math.log(cfg.guidance_plausibility)
+        return jnp.where(cond >= cut, prepare_logits(out, cfg), -jnp.inf)
 
     return guided
 
@@ -280,7 +295,7 @@ def sample(
         if cfg.guidance_scale is None:
             logits = logits_fn(context, state, timestep)
         else:
-            guided = classifier_free_guidance(logits_fn, guidance_scale_at(step, cfg))
+            guided = classifier_free_guidance(logits_fn, guidance_scale_at(step, cfg), cfg)
             logits = guided(context, state, timestep)
         k_sample, k_conf = _split_step_keys(rng, step)
         vocab = logits.shape[-1]

@@ -144,7 +144,8 @@ def sampler_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
                 temperature=options.get("temperature", CONFIDENCE_TEMPERATURE),
                 sampling=options.get("sampling", "multinomial"),
                 top_k=options.get("top_k", 0),
-                guidance_schedule=options.get("guidance_schedule", "constant"))
+                guidance_schedule=options.get("guidance_schedule", "constant"),
+                guidance_plausibility=options.get("guidance_plausibility", 0.0))
 
 
 @register("t2i")
@@ -153,7 +154,7 @@ class CompositionalT2IEvaluator(Evaluator):
     are the detector's verdicts per generated image."""
 
     config_options = (*Evaluator.config_options, "guidance_scale", "temperature", "sampling",
-                      "top_k", "guidance_schedule")
+                      "top_k", "guidance_schedule", "guidance_plausibility")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),

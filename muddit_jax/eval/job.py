@@ -72,10 +72,11 @@ def check_sampling(e: ml_collections.ConfigDict) -> None:
     try:
         SamplerConfig(num_steps=e.steps, mask_id=0, temperature=tuple(e.temperature),
                       sampling=e.sampling, top_k=e.top_k, timestep_mode=e.timestep_mode,
-                      guidance_schedule=e.get("guidance_schedule", "constant"))
+                      guidance_schedule=e.get("guidance_schedule", "constant"),
+                      guidance_plausibility=e.get("guidance_plausibility", 0.0))
     except (TypeError, ValueError) as err:
         raise ValueError(f"eval settings: {err} (eval.steps / temperature / timestep_mode / "
-                         "guidance_schedule)") from None
+                         "guidance_schedule / guidance_plausibility)") from None
 
 
 def local_mesh() -> jax.sharding.Mesh | None:

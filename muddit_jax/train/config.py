@@ -112,6 +112,9 @@ def base_config() -> ml_collections.ConfigDict:
         # guidance_scale at the last, open-muse's schedule) | "decay" (guidance_scale at the
         # first step down to 1 at the last)
         guidance_schedule="constant",
+        # T2I: guidance picks only among codes whose conditional probability is at least this
+        # fraction of the top code's (contrastive decoding's plausibility constraint); 0 = off
+        guidance_plausibility=0.0,
         # timestep fed while sampling (every task): "pipeline" = (T-1-i)/T as Muddit's released
         # pipeline (ported checkpoints); "ratio" = the input's mask ratio, as training feeds it
         timestep_mode="pipeline",
