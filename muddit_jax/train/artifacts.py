@@ -147,15 +147,16 @@ def loss_curve(metrics: Mapping[int, Mapping[str, float]], keys: Sequence[str], 
 def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str],
                         images: np.ndarray, questions: Sequence[str], truths: Sequence[str],
                         steps: int, guidance_scale: float, seed: int = 0,
-                        temperature: Sequence[float] = CONFIDENCE_TEMPERATURE
-                        ) -> dict[str, Path]:
-    """Sample ``prompts`` (T2I, with ``guidance_scale`` and ``temperature``) and caption /
-    answer ``images`` with ``pipe``; write the two PNG panels into ``out_dir``.
-    ``questions[i]`` / ``truths[i]`` belong to ``images[i]``."""
+                        temperature: Sequence[float] = CONFIDENCE_TEMPERATURE,
+                        **t2i_options: Any) -> dict[str, Path]:
+    """Sample ``prompts`` (T2I, with ``guidance_scale``, ``temperature`` and any other
+    ``pipe.generate`` options in ``t2i_options``) and caption / answer ``images`` with ``pipe``;
+    write the two PNG panels into ``out_dir``. ``questions[i]`` / ``truths[i]`` belong to
+    ``images[i]``."""
     out_dir = Path(out_dir)
     generated = pipe.generate(list(prompts), steps=steps, guidance_scale=guidance_scale,
                               seed=[seed + i for i in range(len(prompts))],
-                              temperature=temperature)
+                              temperature=temperature, **t2i_options)
     t2i = save_png(titled_grid(np.asarray(generated), list(prompts)), out_dir / "t2i.png")
     captions = pipe.caption(np.asarray(images), steps=steps, seed=seed)
     answers = pipe.answer(np.asarray(images), list(questions), steps=steps, seed=seed)
@@ -168,9 +169,12 @@ def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str
 def run_artifacts(config: Any, pipe: Any, workdir: str | Path, step: int) -> dict[str, Path]:
     """The trainer's artifacts at ``step`` from ``pipe`` (the run's current params): held-out
     T2I samples and captions / VQA answers (``samples/<step>/``, process 0), and ``loss.png``
-    from ``metrics.jsonl``."""
+    from ``metrics.jsonl``. T2I samples with ``artifacts.steps`` / ``guidance_scale`` /
+    ``temperature`` and the evaluation's other sampler options (``eval.guidance_schedule``,
+    ``eval.guidance_plausibility``, ``eval.sampling``, ``eval.top_k``)."""
     import jax
 
+    from muddit_jax.eval.compositional import sampler_kwargs
     from muddit_jax.eval.job import split_examples
     from muddit_jax.train.metrics import read_jsonl
 
@@ -187,8 +191,9 @@ def run_artifacts(config: Any, pipe: Any, workdir: str | Path, step: int) -> dic
     out = write_run_artifacts(
         pipe, workdir / "samples" / str(step), prompts=[e["captions"][0] for e in captions],
         images=np.stack([e["image"] for e in vqa]), questions=[e["question"] for e in vqa],
-        truths=[e["answers"][0] for e in vqa], steps=a.steps, guidance_scale=a.guidance_scale,
-        seed=config.eval.seed, temperature=a.temperature)
+        truths=[e["answers"][0] for e in vqa], steps=a.steps,
+        seed=config.eval.seed, **sampler_kwargs({**config.eval, "guidance_scale": a.guidance_scale,
+                                                 "temperature": a.temperature}))
     metrics_file = workdir / "metrics.jsonl"
     if metrics_file.exists():
         curve = loss_curve(read_jsonl(metrics_file), ("loss", "image_loss", "text_loss"),

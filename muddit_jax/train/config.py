@@ -146,7 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
         restart_from="random",  # re-seed dead codes from random | error (k-means++) latents
         log_every=50, checkpoint_every=500, eval_images=256,
     )
-    c.artifacts = dict(  # PNGs of the run (muddit_jax/train/artifacts.py)
+    # PNGs of the run (muddit_jax/train/artifacts.py); T2I takes the other sampler options
+    # (guidance_schedule, guidance_plausibility, sampling, top_k) from eval
+    c.artifacts = dict(
         every=0,  # 0 = only at the end (if at_end)
         at_end=False, num_prompts=8, num_images=8, steps=16, guidance_scale=4.0,
         temperature=CONFIDENCE_TEMPERATURE,  # as eval.temperature
