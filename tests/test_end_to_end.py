@@ -101,13 +101,13 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     base = ["--workdir", str(workdir), "--prompt", "x"]
     _, t2i = sample_cli.load_pipeline(sample_cli.parse_args(base))  # the run's eval settings
     assert t2i == {"guidance_scale": 4.0, "guidance_schedule": "constant",
-                   "guidance_plausibility": 0.0, "temperature": (2.0, 0.0),
+                   "guidance_plausibility": 0.1, "temperature": (2.0, 0.0),
                    "sampling": "multinomial", "top_k": 0}
     _, t2i = sample_cli.load_pipeline(sample_cli.parse_args(
         base + ["--temperature", "1", "0", "--sampling", "top_k", "--top-k", "3",
-                "--guidance-schedule", "decay", "--guidance-plausibility", "0.1"]))
+                "--guidance-schedule", "decay", "--guidance-plausibility", "0.3"]))
     assert t2i["temperature"] == [1.0, 0.0] and (t2i["sampling"], t2i["top_k"]) == ("top_k", 3)
-    assert t2i["guidance_schedule"] == "decay" and t2i["guidance_plausibility"] == 0.1
+    assert t2i["guidance_schedule"] == "decay" and t2i["guidance_plausibility"] == 0.3
     image_args = ["--workdir", str(workdir), "--image", str(out)]
     _, text = sample_cli.load_pipeline(sample_cli.parse_args(image_args))
     assert text == {"sampling": "multinomial"}  # the run's eval.text_sampling
