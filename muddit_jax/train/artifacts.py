@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.files import write_bytes_atomic
 
 CELL = 128  # pixels per image cell
@@ -146,17 +145,13 @@ def loss_curve(metrics: Mapping[int, Mapping[str, float]], keys: Sequence[str], 
 
 def write_run_artifacts(pipe: Any, out_dir: str | Path, *, prompts: Sequence[str],
                         images: np.ndarray, questions: Sequence[str], truths: Sequence[str],
-                        steps: int, guidance_scale: float, seed: int = 0,
-                        temperature: Sequence[float] = CONFIDENCE_TEMPERATURE,
-                        **t2i_options: Any) -> dict[str, Path]:
-    """Sample ``prompts`` (T2I, with ``guidance_scale``, ``temperature`` and any other
-    ``pipe.generate`` options in ``t2i_options``) and caption / answer ``images`` with ``pipe``;
-    write the two PNG panels into ``out_dir``. ``questions[i]`` / ``truths[i]`` belong to
-    ``images[i]``."""
+                        steps: int, seed: int = 0, **t2i_options: Any) -> dict[str, Path]:
+    """Sample ``prompts`` (T2I, with the ``pipe.generate`` options in ``t2i_options``: guidance
+    scale, temperature, ...) and caption / answer ``images`` with ``pipe``; write the two PNG
+    panels into ``out_dir``. ``questions[i]`` / ``truths[i]`` belong to ``images[i]``."""
     out_dir = Path(out_dir)
-    generated = pipe.generate(list(prompts), steps=steps, guidance_scale=guidance_scale,
-                              seed=[seed + i for i in range(len(prompts))],
-                              temperature=temperature, **t2i_options)
+    generated = pipe.generate(list(prompts), steps=steps,
+                              seed=[seed + i for i in range(len(prompts))], **t2i_options)
     t2i = save_png(titled_grid(np.asarray(generated), list(prompts)), out_dir / "t2i.png")
     captions = pipe.caption(np.asarray(images), steps=steps, seed=seed)
     answers = pipe.answer(np.asarray(images), list(questions), steps=steps, seed=seed)
