@@ -159,6 +159,26 @@ def test_prompt_effect_reads_the_run(run, tmp_path) -> None:
         prompt_effect.main(["--workdir", str(workdir), "--ratios", "0"])
 
 
+def test_image_effect_reads_the_run(run, tmp_path) -> None:
+    """``bench.image_effect``: one row per question type plus ``all`` (their sum), the effect is
+    the two cross-entropies' gap, and scoring the own image twice gives no effect at all."""
+    from bench import image_effect
+
+    workdir, _ = run
+    out = image_effect.main(["--smoke", "--workdir", str(workdir)])
+    rows = next(iter(out["tables"].values()))
+    kinds = [r["question_type"] for r in rows]
+    assert kinds[-1] == "all" and kinds[:-1] == sorted(kinds[:-1]) and len(kinds) > 2
+    assert rows[-1]["questions"] == sum(r["questions"] for r in rows[:-1]) > 8
+    for r in rows:
+        assert 0 <= r["acc"] <= 1 and 0 <= r["acc_other_image"] <= 1 and r["ce"] > 0
+        assert r["image_effect"] == pytest.approx(r["ce_other_image"] - r["ce"], abs=2e-3)
+    same = image_effect.measure(workdir, 4, "test", shift=0)
+    assert all(r["acc"] == r["acc_other_image"] and r["image_effect"] == 0 for r in same)
+    with pytest.raises(SystemExit):
+        image_effect.main(["--workdir", str(workdir), "--scenes", "1"])
+
+
 def test_t2i_settings_reads_the_run(run, tmp_path) -> None:
     """``bench.t2i_settings``: one row per setting, in order; a repeated setting reproduces its
     row; at the run's own settings it reproduces the evaluation job's t2i score (same prompts,

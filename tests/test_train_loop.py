@@ -194,6 +194,30 @@ def test_cli_requires_config_and_workdir(capsys) -> None:
     assert "--config and --workdir are required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--stepz=3"], "Unknown command line flag 'stepz'"),
+    (["--config.train.stepz=3"], 'no such config field in a --config.<field> override: \'stepz\' '
+                                 'Did you mean "steps"'),
+    (["--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal"),
+])
+def test_cli_bad_flags_name_the_flag_without_a_traceback(capsys, tmp_path, extra, message) -> None:
+    from muddit_jax.cli.eval import main as eval_main
+
+    for main in (train_main, eval_main):
+        argv = ["--config", "configs/shapes_tiny.py", "--workdir", str(tmp_path / "w"), *extra]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_help_lists_the_flags_and_exits_0(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        train_main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: muddit-train --config") and "--workdir" in out and "--stage" in out
+
+
 def test_progress_line_shows_a_bar_rates_and_eta() -> None:
     from muddit_jax.train.metrics import progress_line
 

@@ -1,0 +1,116 @@
+"""Benchmark 10: how much a run's VQA answers depend on the image, per question type.
+
+For the questions of the first ``n`` ``shapes`` scenes of a split, the answer region (answer,
+eos, padding) is masked as at the first decoding step (``t = 1``) and the answer tokens are
+scored twice: with the question's own image and with another scene's image (the images rolled
+by one). ``acc``: every answer token is the argmax; ``ce``: the answer tokens' summed
+cross-entropy; ``image_effect`` = ``ce_other_image - ce`` (nats). A question type whose
+``acc_other_image`` matches ``acc`` is answered from the question text alone: on a memorised run
+that is recall of the training questions, not reading (BENCHMARKS.md §1.13).
+
+``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]``
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from muddit_jax.data import shapes
+from muddit_jax.data.text import encode_vqa
+from muddit_jax.models import vq
+
+
+def question_rows(options: shapes.ShapesConfig, split: str, n: int, tokenizer: Any,
+                  length: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """``(scene index [q], question types, text ids [q, L], answer-token mask [q, L])`` of every
+    question of the first ``n`` scenes whose answer fits in ``length`` tokens."""
+    scene, kinds, ids, answer = [], [], [], []
+    for i in range(n):
+        for qa in shapes.generate(options, split, i).qa:
+            enc = encode_vqa(tokenizer, qa.question, qa.answer, length)
+            if enc is None:
+                continue
+            text_ids, valid, maskable = enc
+            scene.append(i)
+            kinds.append(qa.question_type)
+            ids.append(text_ids)
+            answer.append(maskable & valid & (text_ids != tokenizer.eos_id))
+    return np.asarray(scene), kinds, np.stack(ids), np.stack(answer)
+
+
+def measure(workdir: Path, n: int, split: str, shift: int = 1) -> list[dict[str, Any]]:
+    """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
+    images are rolled for the other-image score (0 scores the own image twice)."""
+    from muddit_jax.eval.job import pipeline_from_workdir
+    from muddit_jax.models.muddit import Muddit
+
+    config, pipe = pipeline_from_workdir(workdir)
+    if config.data.dataset != "shapes":
+        raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs the "
+                         "questions of 'shapes'")
+    if pipe.config.mmdit.tokenizer_vocab_size is None:
+        raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
+    options = shapes.ShapesConfig(**dict(config.data.options))
+    tok = pipe.tokenizer
+    scene, kinds, ids, answer = question_rows(options, split, n, tok, pipe.text_length)
+    images = np.stack([shapes.generate(options, split, i).image for i in range(n)])
+    codes = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq,
+                                 jnp.asarray(images, jnp.float32) / 255))
+    # the answer region as the sampler starts it: everything after the question masked
+    prefix = np.argmax(np.cumsum(answer, axis=1) > 0, axis=1)
+    masked = np.where(np.arange(ids.shape[1])[None] >= prefix[:, None], tok.mask_id, ids)
+    nets = {k: v for k, v in pipe.params.items() if k != "vq"}
+    model, q = Muddit(pipe.config), len(ids)
+
+    @jax.jit
+    def score(image_codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+        _, logits = model.apply({"params": nets}, image_codes, jnp.asarray(masked),
+                                jnp.ones((q,), jnp.float32), jnp.asarray(pipe._micro(q)))
+        logp = jax.nn.log_softmax(logits[..., : tok.vocab_size])
+        target = jnp.asarray(ids)[..., None]
+        ce = -jnp.take_along_axis(logp, target, axis=-1)[..., 0]
+        right = jnp.argmax(logp, axis=-1) == target[..., 0]
+        keep = jnp.asarray(answer)
+        return jnp.where(keep, ce, 0.0).sum(-1), jnp.all(right | ~keep, axis=-1)
+
+    own = score(jnp.asarray(codes[scene]))
+    other = score(jnp.asarray(np.roll(codes, shift, axis=0)[scene]))
+    (ce, acc), (ce_other, acc_other) = ((np.asarray(a) for a in s) for s in (own, other))
+    groups = collections.defaultdict(list)
+    for row, kind in enumerate(kinds):
+        groups[kind].append(row)
+    groups = {**dict(sorted(groups.items())), "all": list(range(q))}
+    rows = []
+    for kind, idx in groups.items():
+        rows.append(dict(question_type=kind, questions=len(idx),
+                         acc=round(float(acc[idx].mean()), 3),
+                         acc_other_image=round(float(acc_other[idx].mean()), 3),
+                         ce=round(float(ce[idx].mean()), 3),
+                         ce_other_image=round(float(ce_other[idx].mean()), 3),
+                         image_effect=round(float((ce_other[idx] - ce[idx]).mean()), 3)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, required=True, help="a trained run on 'shapes'")
+    p.add_argument("--scenes", type=int, default=128, help="scenes whose questions are scored")
+    p.add_argument("--split", default="test")
+    args = p.parse_args(argv)
+    if args.scenes < 2:
+        p.error(f"--scenes {args.scenes}: need at least 2 (the other image is another scene's)")
+    rows = measure(args.workdir, 8 if args.smoke else args.scenes, args.split)
+    return common.finish("image_effect", args, {f"answers on {args.split}, own vs other image":
+                                                (rows, None)})
+
+
+if __name__ == "__main__":
+    common.reexec_with_host_env("bench.image_effect")
+    main()
