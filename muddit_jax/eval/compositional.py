@@ -25,7 +25,6 @@ import numpy as np
 from scipy import ndimage
 
 from muddit_jax.data import shapes
-from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.eval.base import Evaluator, Example, register
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "color_attr", "position")
@@ -137,15 +136,15 @@ def shapes_prompts(config: shapes.ShapesConfig, split: str, n: int) -> list[dict
     return out
 
 
+# the ``eval.*`` fields the t2i evaluator hands to ``MudditPipeline.generate``
+SAMPLER_OPTIONS = ("guidance_scale", "temperature", "sampling", "top_k", "guidance_schedule",
+                   "guidance_plausibility")
+
+
 def sampler_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``MudditPipeline.generate`` keyword arguments from the t2i evaluator's options (the
-    ``eval.*`` fields of :attr:`CompositionalT2IEvaluator.config_options`), with its defaults."""
-    return dict(guidance_scale=options.get("guidance_scale", 9.0),
-                temperature=options.get("temperature", CONFIDENCE_TEMPERATURE),
-                sampling=options.get("sampling", "multinomial"),
-                top_k=options.get("top_k", 0),
-                guidance_schedule=options.get("guidance_schedule", "constant"),
-                guidance_plausibility=options.get("guidance_plausibility", 0.0))
+    """``MudditPipeline.generate`` keyword arguments: the :data:`SAMPLER_OPTIONS` set in
+    ``options`` (the ``eval.*`` fields); unset ones keep ``generate``'s defaults."""
+    return {k: options[k] for k in SAMPLER_OPTIONS if k in options}
 
 
 @register("t2i")
@@ -153,8 +152,7 @@ class CompositionalT2IEvaluator(Evaluator):
     """Examples: ``{"id", "prompt", "objects": [{color, shape, size, bbox}, ...]}``; predictions
     are the detector's verdicts per generated image."""
 
-    config_options = (*Evaluator.config_options, "guidance_scale", "temperature", "sampling",
-                      "top_k", "guidance_schedule", "guidance_plausibility")
+    config_options = (*Evaluator.config_options, *SAMPLER_OPTIONS)
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[dict]:
         images = pipe.generate([e["prompt"] for e in batch], steps=self.steps, seed=list(seeds),

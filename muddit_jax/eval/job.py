@@ -61,6 +61,7 @@ TEXT_SAMPLING = ("multinomial", "argmax")
 def check_sampling(e: ml_collections.ConfigDict) -> None:
     """Clear errors for ``eval`` sampler settings, before any training or sampling runs."""
     from muddit_jax.diffusion.sampler import SAMPLING, SamplerConfig
+    from muddit_jax.eval.compositional import sampler_kwargs
 
     if e.sampling not in SAMPLING or e.sampling == "top_p":
         raise ValueError(f"eval.sampling={e.sampling!r}: use one of multinomial, argmax, top_k")
@@ -69,11 +70,12 @@ def check_sampling(e: ml_collections.ConfigDict) -> None:
     if (e.sampling == "top_k") != (e.top_k > 0):
         raise ValueError(f"eval.top_k={e.top_k} with eval.sampling={e.sampling!r}: set both "
                          "(sampling='top_k' and top_k >= 1) or neither")
+    options = sampler_kwargs(e)
+    options.pop("guidance_scale", None)  # the pipeline's argument, not a SamplerConfig field
+    if "temperature" in options:
+        options["temperature"] = tuple(options["temperature"])
     try:
-        SamplerConfig(num_steps=e.steps, mask_id=0, temperature=tuple(e.temperature),
-                      sampling=e.sampling, top_k=e.top_k, timestep_mode=e.timestep_mode,
-                      guidance_schedule=e.get("guidance_schedule", "constant"),
-                      guidance_plausibility=e.get("guidance_plausibility", 0.0))
+        SamplerConfig(num_steps=e.steps, mask_id=0, timestep_mode=e.timestep_mode, **options)
     except (TypeError, ValueError) as err:
         raise ValueError(f"eval settings: {err} (eval.steps / temperature / timestep_mode / "
                          "guidance_schedule / guidance_plausibility)") from None
