@@ -210,6 +210,16 @@ def test_cli_bad_flags_name_the_flag_without_a_traceback(capsys, tmp_path, extra
     assert not (tmp_path / "w").exists()
 
 
+def test_cli_config_file_bug_keeps_its_own_traceback(tmp_path) -> None:
+    """An AttributeError raised while running the config file is not reported as a bad
+    ``--config.<field>`` override."""
+    cfg = tmp_path / "broken.py"
+    cfg.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                   "    return ml_collections.ConfigDict().no_such_field\n")
+    with pytest.raises(AttributeError, match="no_such_field"):
+        train_main(["--config", str(cfg), "--workdir", str(tmp_path / "w")])
+
+
 def test_cli_help_lists_the_flags_and_exits_0(capsys) -> None:
     with pytest.raises(SystemExit) as e:
         train_main(["--help"])

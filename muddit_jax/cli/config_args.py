@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
@@ -29,6 +31,13 @@ def _innermost_message(e: BaseException) -> str:
     return " ".join(str(msg).split())
 
 
+def _raised_by_override(e: BaseException) -> bool:
+    """Whether ``e`` came from resolving a ``--config.<field>`` path (ml_collections'
+    ``config_path``), not from running the config file."""
+    return any(Path(f.filename).name == "config_path.py" and "ml_collections" in f.filename
+               for f in traceback.extract_tb(e.__traceback__))
+
+
 def parse(prog: str, argv: list[str] | None,
           define: Callable[[flags.FlagValues], None] | None = None) -> flags.FlagValues | None:
     """Parsed flags (``fv.config``, ``fv.workdir`` and those added by ``define``), or ``None``
@@ -36,9 +45,9 @@ def parse(prog: str, argv: list[str] | None,
     flag). ``-h``/``--help`` prints the flags and exits with status 0."""
     argv = sys.argv[1:] if argv is None else list(argv)
     fv = flags.FlagValues()
-    # the config file is loaded while --config is defined, so help comes first
+    # before parsing: parsing loads the config file, which help does not need
     wants_help = any(a in ("-h", "--help", "-help") for a in argv)
-    with _argv([prog, *([] if wants_help else argv)]):
+    with _argv([prog, *argv]):
         config_flags.DEFINE_config_file("config", None, "config file (get_config(arg)); override "
                                         "any field with --config.<field>=value",
                                         flag_values=fv, lock_config=True)
@@ -53,7 +62,9 @@ def parse(prog: str, argv: list[str] | None,
         except flags.Error as e:
             print(f"{prog}: {e} (run {prog} --help for the flags)", file=sys.stderr)
             return None
-        except (AttributeError, KeyError) as e:  # --config.<field>=... names no field
+        except (AttributeError, KeyError) as e:
+            if not _raised_by_override(e):  # a bug inside the config file: its own traceback
+                raise
             print(f"{prog}: no such config field in a --config.<field> override: "
                   f"{_innermost_message(e)}", file=sys.stderr)
             return None
