@@ -27,13 +27,15 @@ from muddit_jax.data.text import encode_vqa
 from muddit_jax.models import vq
 
 
-def question_rows(options: shapes.ShapesConfig, split: str, n: int, tokenizer: Any,
-                  length: int) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """``(scene index [q], question types, text ids [q, L], answer-token mask [q, L])`` of every
-    question of the first ``n`` scenes whose answer fits in ``length`` tokens."""
-    scene, kinds, ids, answer = [], [], [], []
-    for i in range(n):
-        for qa in shapes.generate(options, split, i).qa:
+def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: int
+                  ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(scene index [q], question types, text ids [q, L], answer region [q, L], answer
+    tokens [q, L])`` of every question of ``examples`` that leaves room for an answer; the
+    answer region (answer, eos, padding) is what the sampler masks, the answer tokens are
+    scored."""
+    scene, kinds, ids, region, answer = [], [], [], [], []
+    for i, example in enumerate(examples):
+        for qa in example.qa:
             enc = encode_vqa(tokenizer, qa.question, qa.answer, length)
             if enc is None:
                 continue
@@ -41,8 +43,9 @@ def question_rows(options: shapes.ShapesConfig, split: str, n: int, tokenizer: A
             scene.append(i)
             kinds.append(qa.question_type)
             ids.append(text_ids)
+            region.append(maskable)
             answer.append(maskable & valid & (text_ids != tokenizer.eos_id))
-    return np.asarray(scene), kinds, np.stack(ids), np.stack(answer)
+    return np.asarray(scene), kinds, np.stack(ids), np.stack(region), np.stack(answer)
 
 
 def measure(workdir: Path, n: int, split: str, shift: int = 1) -> list[dict[str, Any]]:
@@ -59,13 +62,12 @@ def measure(workdir: Path, n: int, split: str, shift: int = 1) -> list[dict[str,
         raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
     options = shapes.ShapesConfig(**dict(config.data.options))
     tok = pipe.tokenizer
-    scene, kinds, ids, answer = question_rows(options, split, n, tok, pipe.text_length)
-    images = np.stack([shapes.generate(options, split, i).image for i in range(n)])
+    examples = [shapes.generate(options, split, i) for i in range(n)]
+    scene, kinds, ids, region, answer = question_rows(examples, tok, pipe.text_length)
+    images = np.stack([e.image for e in examples])
     codes = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq,
                                  jnp.asarray(images, jnp.float32) / 255))
-    # the answer region as the sampler starts it: everything after the question masked
-    prefix = np.argmax(np.cumsum(answer, axis=1) > 0, axis=1)
-    masked = np.where(np.arange(ids.shape[1])[None] >= prefix[:, None], tok.mask_id, ids)
+    masked = np.where(region, tok.mask_id, ids)  # as the sampler starts the answer
     nets = {k: v for k, v in pipe.params.items() if k != "vq"}
     model, q = Muddit(pipe.config), len(ids)
 
