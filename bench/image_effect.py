@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, shapes_run
 from muddit_jax.data import shapes
 from muddit_jax.data.text import encode_vqa
-from muddit_jax.models import vq
 
 
 def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: int
@@ -51,25 +50,15 @@ def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: 
 def measure(workdir: Path, n: int, split: str, shift: int = 1) -> list[dict[str, Any]]:
     """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
     images are rolled for the other-image score (0 scores the own image twice)."""
-    from muddit_jax.eval.job import pipeline_from_workdir
-    from muddit_jax.models.muddit import Muddit
-
-    config, pipe = pipeline_from_workdir(workdir)
-    if config.data.dataset != "shapes":
-        raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs the "
-                         "questions of 'shapes'")
+    _, pipe, options = shapes_run.load(workdir, "the questions")
     if pipe.config.mmdit.tokenizer_vocab_size is None:
         raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
-    options = shapes.ShapesConfig(**dict(config.data.options))
     tok = pipe.tokenizer
     examples = [shapes.generate(options, split, i) for i in range(n)]
     scene, kinds, ids, region, answer = question_rows(examples, tok, pipe.text_length)
-    images = np.stack([e.image for e in examples])
-    codes = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq,
-                                 jnp.asarray(images, jnp.float32) / 255))
+    codes = shapes_run.scene_codes(pipe, examples)
     masked = np.where(region, tok.mask_id, ids)  # as the sampler starts the answer
-    nets = {k: v for k, v in pipe.params.items() if k != "vq"}
-    model, q = Muddit(pipe.config), len(ids)
+    (model, nets), q = shapes_run.generator(pipe), len(ids)
 
     @jax.jit
     def score(image_codes: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -18,39 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, shapes_run
 from muddit_jax.data import shapes
-from muddit_jax.models import vq
-
-
-def object_codes(options: shapes.ShapesConfig, examples: list, grid: int) -> np.ndarray:
-    """``bool [n, grid, grid]``: codes whose patch holds a pixel of some object."""
-    r = options.resolution
-    f = r // grid
-    masks = np.stack([np.any([shapes.object_mask(o, r) for o in e.scene.objects]
-                             or [np.zeros((r, r), bool)], axis=0) for e in examples])
-    return masks.reshape(len(examples), grid, f, grid, f).any(axis=(2, 4))
 
 
 def measure(workdir: Path, n: int, ratios: list[float], split: str, seed: int = 0
             ) -> list[dict[str, Any]]:
     """One row per mask ratio over the first ``n`` images of ``split`` (see the module doc)."""
-    from muddit_jax.eval.job import pipeline_from_workdir
-    from muddit_jax.models.muddit import Muddit
-
-    config, pipe = pipeline_from_workdir(workdir)
-    if config.data.dataset != "shapes":
-        raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs the "
-                         "object masks of 'shapes'")
-    options = shapes.ShapesConfig(**dict(config.data.options))
+    _, pipe, options = shapes_run.load(workdir, "the object masks")
     examples = [shapes.generate(options, split, i) for i in range(n)]
-    images = np.stack([e.image for e in examples]).astype(np.float32) / 255
-    codes = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(images)))
-    objects = object_codes(options, examples, codes.shape[1])
+    codes = shapes_run.scene_codes(pipe, examples)
+    objects = shapes_run.object_codes(options, examples, codes.shape[1])
     captions = pipe.tokenizer.encode([e.captions[0] for e in examples], pipe.text_length)
     shuffled = captions[np.roll(np.arange(n), 1)]
-    nets = {k: v for k, v in pipe.params.items() if k != "vq"}
-    model, k = Muddit(pipe.config), pipe.config.mmdit.codebook_size
+    (model, nets), k = shapes_run.generator(pipe), pipe.config.mmdit.codebook_size
 
     @jax.jit
     def code_ce(text: jax.Array, tokens: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:

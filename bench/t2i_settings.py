@@ -21,11 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from bench import common
-from bench.prompt_effect import object_codes
+from bench import common, shapes_run
 from muddit_jax.data import shapes
 from muddit_jax.data.shapes_tfds import record_index
 from muddit_jax.eval.base import example_seeds
@@ -36,7 +34,6 @@ from muddit_jax.eval.compositional import (
     judge,
     sampler_kwargs,
 )
-from muddit_jax.models import vq
 
 DEFAULT_SETTINGS = ("g=4", "g=2", "g=1", "g=none")
 KEYS = ("g", "steps", "sampling", "top_k", "temp", "sched", "plaus")
@@ -72,11 +69,9 @@ def parse_setting(spec: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int = 32
             ) -> list[dict[str, Any]]:
     """One row per setting over the first ``n`` prompts of ``split`` (see the module doc)."""
-    from muddit_jax.eval.job import eval_data_options, pipeline_from_workdir, split_examples
+    from muddit_jax.eval.job import eval_data_options, split_examples
 
-    config, pipe = pipeline_from_workdir(workdir)
-    if config.data.dataset != "shapes":
-        raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs 'shapes'")
+    config, pipe, _ = shapes_run.load(workdir, "the scenes")
     e = config.eval
     # what the evaluation job's t2i evaluator would pass to the sampler
     defaults = dict(steps=e.steps, **sampler_kwargs(
@@ -88,9 +83,8 @@ def measure(workdir: Path, n: int, split: str, settings: list[str], batch: int =
     prompts = split_examples(config, "t2i", pipe.image_size, n)
     options = shapes.ShapesConfig(**eval_data_options(config))
     scenes = [shapes.generate(options, split, record_index(p["id"])) for p in prompts]
-    truth = np.asarray(vq.encode(pipe.params["vq"], pipe.config.vq, jnp.asarray(
-        np.stack([s.image for s in scenes]).astype(np.float32) / 255)))
-    objects = object_codes(options, scenes, truth.shape[1])
+    truth = shapes_run.scene_codes(pipe, scenes)
+    objects = shapes_run.object_codes(options, scenes, truth.shape[1])
     seeds = example_seeds([p["id"] for p in prompts], e.seed)
     n, rows = len(prompts), []
     for spec, kw in zip(settings, kwargs):
