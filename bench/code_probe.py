@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bench import common
+from bench import common, shapes_run
 from muddit_jax.data import shapes
 from muddit_jax.models import vq
 from muddit_jax.train import config as C
@@ -122,10 +122,7 @@ def train_probe(inputs: str, table: np.ndarray | None, codebook_size: int,
 def block_features(pipe: Any, options: shapes.ShapesConfig, n: dict[str, int]) -> dict:
     """``{split: ({block: [n, 2d] pooled image stream}, labels)}`` of a run's MM-DiT (its
     :class:`~muddit_jax.pipeline.MudditPipeline`, e.g. from ``pipeline_from_workdir``)."""
-    from muddit_jax.models.muddit import Muddit
-
-    model, tok, length = Muddit(pipe.config), pipe.tokenizer, pipe.text_length
-    nets = {k: v for k, v in pipe.params.items() if k != "vq"}
+    (model, nets), tok, length = shapes_run.generator(pipe), pipe.tokenizer, pipe.text_length
 
     def is_block(module: nn.Module, method: str) -> bool:
         return method == "__call__" and (module.name or "").startswith(
