@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The shapes default's MM-DiT stage for many passes over its 20,000 scenes, on one accelerator,
+# scored on the held-out split at several points: how the #7 targets move with passes over the
+# data (BENCHMARKS.md §1.15 names this as the open measurement; 2 CPU cores reach ~3 passes).
+#
+# It reuses a finished default run's tokenizer and VQ (so only the MM-DiT trains) and the built
+# `shapes` dataset, both copied into .device/ by launch/device_prepare.sh, and installs the
+# packages the device image lacks from .whl/ (same script). On the device tool:
+#   run(command="bash launch/device_shapes.sh", carry=[".whl", ".device"], timeout_s=480)
+# Locally (CPU, a few steps, checks the flow): OUT=/tmp/out TRAIN_SECONDS=20 PROBE_STEPS=4 \
+#   EVALS=2 LIMIT=8 bash launch/device_shapes.sh
+#
+# Two phases: a short probe measures steps/s, then a run sized to TRAIN_SECONDS with its own
+# cosine schedule, evaluated EVALS times (eval.every). Output: $OUT/summary.json (steps, passes
+# and held-out scores per evaluation) and $OUT/run.tar.gz (metrics, eval JSON, PNGs).
+#
+# Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (180), PROBE_STEPS (200), EVALS (4),
+#   BATCH (32, the default's), LIMIT (256 examples per task), PYTHON (python3), EXTRA (more
+#   --config overrides, space separated).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_out}
+TRAIN_SECONDS=${TRAIN_SECONDS:-180}
+PROBE_STEPS=${PROBE_STEPS:-200}
+EVALS=${EVALS:-4}
+BATCH=${BATCH:-32}
+LIMIT=${LIMIT:-256}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PYTHON" -c "import ml_collections, tensorflow_datasets, grain, array_record" 2>/dev/null; then
+  [[ -d .whl ]] || {
+    echo "device_shapes: packages missing and no .whl/ (run launch/device_prepare.sh)"; exit 2; }
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+[[ -d .device/data && -f .device/run/tokenizer.model ]] || {
+  echo "device_shapes: .device/ is incomplete (run launch/device_prepare.sh)"; exit 2; }
+export MUDDIT_DATA_DIR="$PWD/.device/data"
+"$PYTHON" -c "import jax; print('device_shapes:', jax.devices())"
+
+train() {  # workdir steps extra-overrides...
+  local dir=$1 steps=$2
+  shift 2
+  rm -rf "$dir" && mkdir -p "$dir" && cp -r .device/run/. "$dir/"
+  # shellcheck disable=SC2086
+  "$PYTHON" -m muddit_jax.cli.train --config configs/shapes_tiny.py --workdir "$dir" \
+    --stage mmdit --config.train.steps="$steps" --config.data.global_batch="$BATCH" \
+    --config.log.every=50 --config.eval.limit="$LIMIT" ${EXTRA:-} "$@"
+}
+
+# 1. throughput probe: the trainer's steps/s after compiling (logged from its second log line
+# on), else steps over the probe's whole wall time
+start=$(date +%s)
+train /tmp/probe "$PROBE_STEPS" --config.eval.at_end=False --config.artifacts.at_end=False \
+  --config.checkpoint.every=100000 --config.log.every=$(((PROBE_STEPS + 3) / 4)) \
+  > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
+RATE=$("$PYTHON" - "$PROBE_STEPS" $(($(date +%s) - start)) <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open("/tmp/probe/metrics.jsonl")]
+rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+print(rates[-1] if rates else int(sys.argv[1]) / max(1, int(sys.argv[2])))
+EOF
+)
+EVERY=$("$PYTHON" -c "print(max(1, int($RATE * $TRAIN_SECONDS / $EVALS)))")
+STEPS=$((EVERY * EVALS))
+echo "device_shapes: $RATE steps/s at batch $BATCH -> $STEPS steps, held-out eval every $EVERY"
+
+# 2. the run: cosine schedule over STEPS, eval every EVERY steps (and at the end)
+train /tmp/run "$STEPS" --config.eval.every="$EVERY" --config.checkpoint.every="$EVERY" \
+  --config.checkpoint.keep=1 > "$OUT/run.log" 2>&1 || { tail -20 "$OUT/run.log"; exit 1; }
+
+"$PYTHON" - "$BATCH" "$OUT/summary.json" <<'EOF'
+import json, sys
+batch, out = int(sys.argv[1]), sys.argv[2]
+rows = [json.loads(l) for l in open("/tmp/run/metrics.jsonl")]
+keys = ("eval/t2i/overall", "eval/vqa/vqa_accuracy", "eval/caption/attribute_accuracy",
+        "eval/caption/cider_d", "eval/vqa/question_type/exists", "eval/vqa/question_type/shape")
+evals = [{"step": r["step"], "passes": r["step"] * batch / 20000,
+          **{k.split("/", 1)[1]: r[k] for k in keys if k in r}}
+         for r in rows if "eval/vqa/vqa_accuracy" in r]
+rate = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
+json.dump({"batch": batch, "steps_per_sec": rate[-1] if rate else None, "evals": evals},
+          open(out, "w"), indent=1)
+for e in evals:
+    print(json.dumps(e))
+EOF
+tar -czf "$OUT/run.tar.gz" -C /tmp/run metrics.jsonl eval samples 2>/dev/null \
+  || tar -czf "$OUT/run.tar.gz" -C /tmp/run metrics.jsonl eval
