@@ -35,7 +35,8 @@ import sys; sys.path.insert(0, '.')
 from configs.shapes_tiny import get_config
 from muddit_jax.data.shapes import ShapesConfig
 print(ShapesConfig(**get_config().data.options.to_dict()).name)")
-[[ -d "$DATA_DIR/shapes/$name" ]] || { echo "no $DATA_DIR/shapes/$name (run the default once)"; exit 2; }
+[[ -d "$DATA_DIR/shapes/$name" ]] || {
+  echo "no $DATA_DIR/shapes/$name (run the default config once)"; exit 2; }
 
 rm -rf .device && mkdir -p .device/run/vq/checkpoints .device/data/shapes
 cp "$RUN_DIR/tokenizer.model" .device/run/

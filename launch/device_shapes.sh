@@ -29,7 +29,8 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! "$PYTHON" -c "import ml_collections, tensorflow_datasets, grain, array_record" 2>/dev/null; then
+NEEDED="import ml_collections, tensorflow_datasets, grain, array_record"
+if ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
   [[ -d .whl ]] || {
     echo "device_shapes: packages missing and no .whl/ (run launch/device_prepare.sh)"; exit 2; }
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
