@@ -7,13 +7,17 @@
 #             data/ = the built `shapes` dataset of the default config
 #
 # Usage: launch/device_prepare.sh RUN_DIR [DATA_DIR]
-#   RUN_DIR   a workdir of `muddit-train --config configs/shapes_tiny.py` whose VQ stage finished
+#   RUN_DIR   a workdir of `muddit-train --config $CONFIG` whose VQ stage finished
 #   DATA_DIR  where that dataset was built (default $MUDDIT_DATA_DIR or ~/muddit_data)
+# Variables: CONFIG (default configs/shapes_tiny.py; path[:arg]), DEVICE_DIR (default .device),
+#   NO_WHEELS=1 skips the wheels (no network: the tests), PYTHON (python3).
 set -euo pipefail
 RUN_DIR=$(cd "$1" && pwd)
 DATA_DIR=${2:-${MUDDIT_DATA_DIR:-$HOME/muddit_data}}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+CONFIG=${CONFIG:-configs/shapes_tiny.py}
+DEVICE_DIR=${DEVICE_DIR:-.device}
 
 # the runtime closure of muddit_jax's install_requires minus the device image's packages
 # (/work/.library/device/KINDS.md), pinned to what pip resolves for Python 3.12 here
@@ -21,25 +25,27 @@ WHEELS=(array-record==0.8.6 dm-tree==0.1.10 docstring-parser==0.18.0
         googleapis-common-protos==1.76.0 grain==0.2.18 immutabledict==4.3.1 ml-collections==1.1.0
         portpicker==1.6.0 simple-parsing==0.1.9 tensorboardx==2.6.5 tensorflow-datasets==4.9.10
         tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2)
+if [[ -z "${NO_WHEELS:-}" ]]; then
 rm -rf .whl && mkdir -p .whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
 "$PYTHON" -m pip wheel -q --no-deps -w .whl promise==2.3  # sdist only: build the pure wheel
+fi
 
 [[ -f "$RUN_DIR/tokenizer.model" ]] || { echo "no $RUN_DIR/tokenizer.model"; exit 2; }
 last=$(ls "$RUN_DIR/vq/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
 [[ -n "$last" ]] || { echo "no VQ checkpoint under $RUN_DIR/vq/checkpoints"; exit 2; }
 name=$("$PYTHON" -c "
 import sys; sys.path.insert(0, '.')
-from configs.shapes_tiny import get_config
+from bench.code_probe import load_config
 from muddit_jax.data.shapes import ShapesConfig
-print(ShapesConfig(**get_config().data.options.to_dict()).name)")
+print(ShapesConfig(**load_config('$CONFIG').data.options.to_dict()).name)")
 [[ -d "$DATA_DIR/shapes/$name" ]] || {
   echo "no $DATA_DIR/shapes/$name (run the default config once)"; exit 2; }
 
-rm -rf .device && mkdir -p .device/run/vq/checkpoints .device/data/shapes
-cp "$RUN_DIR/tokenizer.model" .device/run/
-cp -r "$RUN_DIR/vq/checkpoints/$last" .device/run/vq/checkpoints/
-cp -r "$DATA_DIR/shapes/$name" .device/data/shapes/
-du -sh .whl .device
+rm -rf "$DEVICE_DIR" && mkdir -p "$DEVICE_DIR/run/vq/checkpoints" "$DEVICE_DIR/data/shapes"
+cp "$RUN_DIR/tokenizer.model" "$DEVICE_DIR/run/"
+cp -r "$RUN_DIR/vq/checkpoints/$last" "$DEVICE_DIR/run/vq/checkpoints/"
+cp -r "$DATA_DIR/shapes/$name" "$DEVICE_DIR/data/shapes/"
+du -sh "$DEVICE_DIR" .whl 2>/dev/null || true

@@ -16,7 +16,9 @@
 #
 # Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (180), PROBE_STEPS (200), EVALS (4),
 #   BATCH (32, the default's), LIMIT (256 examples per task), PYTHON (python3), EXTRA (more
-#   --config overrides, space separated).
+#   --config overrides, space separated), CONFIG (configs/shapes_tiny.py; path[:arg]),
+#   DEVICE_DIR (.device), WORK (/tmp: the probe and run workdirs go there), STEPS (a fixed
+#   run length instead of the probe's; evaluations every STEPS / EVALS steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
@@ -26,6 +28,8 @@ EVALS=${EVALS:-4}
 BATCH=${BATCH:-32}
 LIMIT=${LIMIT:-256}
 PYTHON=${PYTHON:-python3}
+CONFIG=${CONFIG:-configs/shapes_tiny.py}
+WORK=${WORK:-/tmp}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -37,56 +41,65 @@ if ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-[[ -d .device/data && -f .device/run/tokenizer.model ]] || {
-  echo "device_shapes: .device/ is incomplete (run launch/device_prepare.sh)"; exit 2; }
-export MUDDIT_DATA_DIR="$PWD/.device/data"
+DEV=$(cd "${DEVICE_DIR:-.device}" 2>/dev/null && pwd) || DEV=""
+[[ -n "$DEV" && -d "$DEV/data" && -f "$DEV/run/tokenizer.model" ]] || {
+  echo "device_shapes: ${DEVICE_DIR:-.device}/ is incomplete (run launch/device_prepare.sh)"
+  exit 2
+}
+export MUDDIT_DATA_DIR="$DEV/data"
 "$PYTHON" -c "import jax; print('device_shapes:', jax.devices())"
 
 train() {  # workdir steps extra-overrides...
   local dir=$1 steps=$2
   shift 2
-  rm -rf "$dir" && mkdir -p "$dir" && cp -r .device/run/. "$dir/"
+  rm -rf "$dir" && mkdir -p "$dir" && cp -r "$DEV/run/." "$dir/"
   # shellcheck disable=SC2086
-  "$PYTHON" -m muddit_jax.cli.train --config configs/shapes_tiny.py --workdir "$dir" \
+  "$PYTHON" -m muddit_jax.cli.train --config "$CONFIG" --workdir "$dir" \
     --stage mmdit --config.train.steps="$steps" --config.data.global_batch="$BATCH" \
     --config.log.every=50 --config.eval.limit="$LIMIT" ${EXTRA:-} "$@"
 }
 
-# 1. throughput probe: the trainer's steps/s after compiling (logged from its second log line
-# on), else steps over the probe's whole wall time
-start=$(date +%s)
-train /tmp/probe "$PROBE_STEPS" --config.eval.at_end=False --config.artifacts.at_end=False \
-  --config.checkpoint.every=100000 --config.log.every=$(((PROBE_STEPS + 3) / 4)) \
-  > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
-RATE=$("$PYTHON" - "$PROBE_STEPS" $(($(date +%s) - start)) <<'EOF'
+# 1. throughput probe (unless STEPS is given): the trainer's steps/s after compiling (logged from
+# its second log line on), else steps over the probe's whole wall time
+if [[ -n "${STEPS:-}" ]]; then
+  EVERY=$((STEPS / EVALS > 0 ? STEPS / EVALS : 1))
+else
+  start=$(date +%s)
+  train "$WORK/probe" "$PROBE_STEPS" --config.eval.at_end=False --config.artifacts.at_end=False \
+    --config.checkpoint.every=100000 --config.log.every=$(((PROBE_STEPS + 3) / 4)) \
+    > "$OUT/probe.log" 2>&1 || { tail -20 "$OUT/probe.log"; exit 1; }
+  RATE=$("$PYTHON" - "$WORK/probe/metrics.jsonl" "$PROBE_STEPS" $(($(date +%s) - start)) <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open("/tmp/probe/metrics.jsonl")]
+rows = [json.loads(l) for l in open(sys.argv[1])]
 rates = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
-print(rates[-1] if rates else int(sys.argv[1]) / max(1, int(sys.argv[2])))
+print(rates[-1] if rates else int(sys.argv[2]) / max(1, int(sys.argv[3])))
 EOF
-)
-EVERY=$("$PYTHON" -c "print(max(1, int($RATE * $TRAIN_SECONDS / $EVALS)))")
-STEPS=$((EVERY * EVALS))
-echo "device_shapes: $RATE steps/s at batch $BATCH -> $STEPS steps, held-out eval every $EVERY"
+  )
+  EVERY=$("$PYTHON" -c "print(max(1, int($RATE * $TRAIN_SECONDS / $EVALS)))")
+  STEPS=$((EVERY * EVALS))
+  echo "device_shapes: $RATE steps/s at batch $BATCH -> $STEPS steps, held-out eval every $EVERY"
+fi
 
 # 2. the run: cosine schedule over STEPS, eval every EVERY steps (and at the end)
-train /tmp/run "$STEPS" --config.eval.every="$EVERY" --config.checkpoint.every="$EVERY" \
+train "$WORK/run" "$STEPS" --config.eval.every="$EVERY" --config.checkpoint.every="$EVERY" \
   --config.checkpoint.keep=1 > "$OUT/run.log" 2>&1 || { tail -20 "$OUT/run.log"; exit 1; }
 
-"$PYTHON" - "$BATCH" "$OUT/summary.json" <<'EOF'
+# passes = rows seen / training scenes (the config's num_train; EXTRA may not change it)
+"$PYTHON" - "$WORK/run/metrics.jsonl" "$BATCH" "$CONFIG" "$OUT/summary.json" <<'EOF'
 import json, sys
-batch, out = int(sys.argv[1]), sys.argv[2]
-rows = [json.loads(l) for l in open("/tmp/run/metrics.jsonl")]
+from bench.code_probe import load_config
+metrics, batch, config, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+scenes = load_config(config).data.options.num_train
+rows = [json.loads(l) for l in open(metrics)]
 keys = ("eval/t2i/overall", "eval/vqa/vqa_accuracy", "eval/caption/attribute_accuracy",
         "eval/caption/cider_d", "eval/vqa/question_type/exists", "eval/vqa/question_type/shape")
-evals = [{"step": r["step"], "passes": r["step"] * batch / 20000,
+evals = [{"step": r["step"], "passes": r["step"] * batch / scenes,
           **{k.split("/", 1)[1]: r[k] for k in keys if k in r}}
          for r in rows if "eval/vqa/vqa_accuracy" in r]
 rate = [r["steps_per_sec"] for r in rows if "steps_per_sec" in r]
-json.dump({"batch": batch, "steps_per_sec": rate[-1] if rate else None, "evals": evals},
-          open(out, "w"), indent=1)
+json.dump({"batch": batch, "scenes": scenes, "steps_per_sec": rate[-1] if rate else None,
+           "evals": evals}, open(out, "w"), indent=1)
 for e in evals:
     print(json.dumps(e))
 EOF
-tar -czf "$OUT/run.tar.gz" -C /tmp/run metrics.jsonl eval samples 2>/dev/null \
-  || tar -czf "$OUT/run.tar.gz" -C /tmp/run metrics.jsonl eval
+tar -czf "$OUT/run.tar.gz" -C "$WORK/run" metrics.jsonl eval samples

@@ -5,8 +5,11 @@ eval CLIs on the run folder."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +219,40 @@ def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
         run_stages(c, tmp_path, "vq")
     assert sample_cli.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -> None:
+    """``launch/device_prepare.sh`` stages the run's tokenizer, last VQ checkpoint and dataset
+    (wheels skipped: no network); ``launch/device_shapes.sh`` trains the MM-DiT from them for a
+    fixed ``STEPS`` and writes one held-out evaluation per ``EVALS`` into ``summary.json``."""
+    workdir, _ = run
+    root = Path(__file__).resolve().parents[1]
+    dev, out = tmp_path / "dev", tmp_path / "out"
+    env = {**os.environ, "CONFIG": CONFIG, "DEVICE_DIR": str(dev), "NO_WHEELS": "1",
+           "PYTHON": sys.executable}
+    staged = subprocess.run(["bash", str(root / "launch/device_prepare.sh"), str(workdir)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert staged.returncode == 0, staged.stdout[-2000:] + staged.stderr[-2000:]
+    last = max(int(p.name) for p in (workdir / "vq/checkpoints").iterdir() if p.name.isdigit())
+    assert [p.name for p in (dev / "run/vq/checkpoints").iterdir()] == [str(last)]
+    assert (dev / "run/tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
+    assert len(list((dev / "data/shapes").iterdir())) == 1
+    env.update(OUT=str(out), WORK=str(tmp_path / "work"), STEPS="4", EVALS="2", LIMIT="4",
+               EXTRA="--config.eval.batch_size=4 --config.eval.shard_size=4 "
+                     "--config.artifacts.num_prompts=2 --config.artifacts.num_images=2")
+    ran = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scenes"] == 256 and summary["batch"] == 32
+    assert [e["step"] for e in summary["evals"]] == [2, 4]
+    for e in summary["evals"]:
+        assert e["passes"] == pytest.approx(e["step"] * 32 / 256)
+        assert {"t2i/overall", "vqa/vqa_accuracy", "caption/attribute_accuracy"} <= set(e)
+    with tarfile.open(out / "run.tar.gz") as tar:
+        names = tar.getnames()
+    assert "metrics.jsonl" in names and any(n.startswith("eval/4") for n in names)
+    env["DEVICE_DIR"] = str(tmp_path / "missing")
+    bad = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "is incomplete (run launch/device_prepare.sh)" in bad.stdout
