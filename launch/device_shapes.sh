@@ -6,15 +6,16 @@
 # It reuses a finished default run's tokenizer and VQ (so only the MM-DiT trains) and the built
 # `shapes` dataset, both copied into .device/ by launch/device_prepare.sh, and installs the
 # packages the device image lacks from .whl/ (same script). On the device tool:
-#   run(command="bash launch/device_shapes.sh", carry=[".whl", ".device"], timeout_s=480)
+#   run(command="bash launch/device_shapes.sh", carry=[".whl", ".device"], timeout_s=540)
 # Locally (CPU, a few steps, checks the flow): OUT=/tmp/out TRAIN_SECONDS=20 PROBE_STEPS=4 \
 #   EVALS=2 LIMIT=8 bash launch/device_shapes.sh
 #
 # Two phases: a short probe measures steps/s, then a run sized to TRAIN_SECONDS with its own
-# cosine schedule, evaluated EVALS times (eval.every). Output: $OUT/summary.json (steps, passes
+# cosine schedule, evaluated EVALS times (eval.every). Not yet run on a GPU: the estimate is
+# about 6-7 minutes in all (compiles and the probe, TRAIN_SECONDS, the evaluations). Output: $OUT/summary.json (steps, passes
 # and held-out scores per evaluation) and $OUT/run.tar.gz (metrics, eval JSON, PNGs).
 #
-# Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (180), PROBE_STEPS (200), EVALS (4),
+# Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (150), PROBE_STEPS (200), EVALS (4),
 #   BATCH (32, the default's), LIMIT (256 examples per task), PYTHON (python3), EXTRA (more
 #   --config overrides, space separated), CONFIG (configs/shapes_tiny.py; path[:arg]),
 #   DEVICE_DIR (.device), WORK (/tmp: the probe and run workdirs go there), STEPS (a fixed
@@ -22,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_out}
-TRAIN_SECONDS=${TRAIN_SECONDS:-180}
+TRAIN_SECONDS=${TRAIN_SECONDS:-150}
 PROBE_STEPS=${PROBE_STEPS:-200}
 EVALS=${EVALS:-4}
 BATCH=${BATCH:-32}
