@@ -12,8 +12,9 @@
 #
 # Two phases: a short probe measures steps/s, then a run sized to TRAIN_SECONDS with its own
 # cosine schedule, evaluated EVALS times (eval.every). Not yet run on a GPU: the estimate is
-# about 6-7 minutes in all (compiles and the probe, TRAIN_SECONDS, the evaluations). Output: $OUT/summary.json (steps, passes
-# and held-out scores per evaluation) and $OUT/run.tar.gz (metrics, eval JSON, PNGs).
+# about 6-7 minutes in all (compiles and the probe, TRAIN_SECONDS, the evaluations).
+# Output: $OUT/summary.json (steps, passes and held-out scores per evaluation) and
+# $OUT/run.tar.gz (metrics, eval JSON, PNGs).
 #
 # Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (150), PROBE_STEPS (200), EVALS (4),
 #   BATCH (32, the default's), LIMIT (256 examples per task), PYTHON (python3), EXTRA (more
