@@ -7,8 +7,8 @@
 # `shapes` dataset, both copied into .device/ by launch/device_prepare.sh, and installs the
 # packages the device image lacks from .whl/ (same script). On the device tool:
 #   run(command="bash launch/device_shapes.sh", carry=[".whl", ".device"], timeout_s=540)
-# Locally (CPU, a few steps, checks the flow): OUT=/tmp/out TRAIN_SECONDS=20 PROBE_STEPS=4 \
-#   EVALS=2 LIMIT=8 bash launch/device_shapes.sh
+# Locally (CPU, a few steps: checks the flow, as tests/test_end_to_end.py does on the smoke run):
+#   OUT=/tmp/out STEPS=4 EVALS=2 LIMIT=8 bash launch/device_shapes.sh
 #
 # Two phases: a short probe measures steps/s, then a run sized to TRAIN_SECONDS with its own
 # cosine schedule, evaluated EVALS times (eval.every). Not yet run on a GPU: the estimate is
