@@ -12,6 +12,7 @@
 # Variables: CONFIG (default configs/shapes_tiny.py; path[:arg]), DEVICE_DIR (default .device),
 #   NO_WHEELS=1 skips the wheels (no network: the tests), PYTHON (python3).
 set -euo pipefail
+[[ $# -ge 1 && -d "$1" ]] || { echo "usage: launch/device_prepare.sh RUN_DIR [DATA_DIR]"; exit 2; }
 RUN_DIR=$(cd "$1" && pwd)
 DATA_DIR=${2:-${MUDDIT_DATA_DIR:-$HOME/muddit_data}}
 cd "$(dirname "$0")/.."
@@ -19,22 +20,22 @@ PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/shapes_tiny.py}
 DEVICE_DIR=${DEVICE_DIR:-.device}
 
-# the runtime closure of muddit_jax's install_requires minus the device image's packages
-# (/work/.library/device/KINDS.md), pinned to what pip resolves for Python 3.12 here
+# the runtime closure of muddit_jax's install_requires minus the packages of the device image
+# (as the device tool's KINDS.md lists them), pinned to what pip resolves for Python 3.12 here
 WHEELS=(array-record==0.8.6 dm-tree==0.1.10 docstring-parser==0.18.0
         googleapis-common-protos==1.76.0 grain==0.2.18 immutabledict==4.3.1 ml-collections==1.1.0
         portpicker==1.6.0 simple-parsing==0.1.9 tensorboardx==2.6.5 tensorflow-datasets==4.9.10
         tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2)
 if [[ -z "${NO_WHEELS:-}" ]]; then
-rm -rf .whl && mkdir -p .whl
-"$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
-"$PYTHON" -m pip wheel -q --no-deps -w .whl promise==2.3  # sdist only: build the pure wheel
+  rm -rf .whl && mkdir -p .whl
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+  "$PYTHON" -m pip wheel -q --no-deps -w .whl promise==2.3  # sdist only: build the pure wheel
 fi
 
 [[ -f "$RUN_DIR/tokenizer.model" ]] || { echo "no $RUN_DIR/tokenizer.model"; exit 2; }
-last=$(ls "$RUN_DIR/vq/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+last=$(ls "$RUN_DIR/vq/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
 [[ -n "$last" ]] || { echo "no VQ checkpoint under $RUN_DIR/vq/checkpoints"; exit 2; }
 name=$("$PYTHON" -c "
 import sys; sys.path.insert(0, '.')

@@ -237,6 +237,14 @@ def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -
     assert [p.name for p in (dev / "run/vq/checkpoints").iterdir()] == [str(last)]
     assert (dev / "run/tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
     assert len(list((dev / "data/shapes").iterdir())) == 1
+    no_vq = tmp_path / "no_vq"
+    no_vq.mkdir()
+    (no_vq / "tokenizer.model").write_bytes(b"")
+    for args, message in [([], "usage: launch/device_prepare.sh RUN_DIR"),
+                          ([str(no_vq)], "no VQ checkpoint under")]:
+        bad = subprocess.run(["bash", str(root / "launch/device_prepare.sh"), *args], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stdout, bad.stdout + bad.stderr
     env.update(OUT=str(out), WORK=str(tmp_path / "work"), STEPS="4", EVALS="2", LIMIT="4",
                EXTRA="--config.eval.batch_size=4 --config.eval.shard_size=4 "
                      "--config.artifacts.num_prompts=2 --config.artifacts.num_images=2")
