@@ -14,7 +14,7 @@
 set -euo pipefail
 [[ $# -ge 1 && -d "$1" ]] || { echo "usage: launch/device_prepare.sh RUN_DIR [DATA_DIR]"; exit 2; }
 RUN_DIR=$(cd "$1" && pwd)
-DATA_DIR=${2:-${MUDDIT_DATA_DIR:-$HOME/muddit_data}}
+DATA_DIR=${2:-${MUDDIT_DATA_DIR:-$HOME/muddit_data}}  # muddit_jax.data.registry's default
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/shapes_tiny.py}
@@ -37,16 +37,21 @@ fi
 [[ -f "$RUN_DIR/tokenizer.model" ]] || { echo "no $RUN_DIR/tokenizer.model"; exit 2; }
 last=$(ls "$RUN_DIR/vq/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
 [[ -n "$last" ]] || { echo "no VQ checkpoint under $RUN_DIR/vq/checkpoints"; exit 2; }
-name=$("$PYTHON" -c "
-import sys; sys.path.insert(0, '.')
+# the config's built dataset, where its TFDS builder keeps it (relative to the data root)
+dataset=$("$PYTHON" - "$CONFIG" "$DATA_DIR" <<'EOF'
+import os, sys
+sys.path.insert(0, ".")
 from bench.code_probe import load_config
-from muddit_jax.data.shapes import ShapesConfig
-print(ShapesConfig(**load_config('$CONFIG').data.options.to_dict()).name)")
-[[ -d "$DATA_DIR/shapes/$name" ]] || {
-  echo "no $DATA_DIR/shapes/$name (run the default config once)"; exit 2; }
+from muddit_jax.data import registry
+data, root = load_config(sys.argv[1]).data, sys.argv[2]
+builder = registry.get_builder(data.dataset, root, **data.options.to_dict())
+print(os.path.relpath(builder.data_dir, root) if builder.is_prepared else "")
+EOF
+)
+[[ -n "$dataset" ]] || { echo "no built dataset of $CONFIG under $DATA_DIR (run it once)"; exit 2; }
 
-rm -rf "$DEVICE_DIR" && mkdir -p "$DEVICE_DIR/run/vq/checkpoints" "$DEVICE_DIR/data/shapes"
+rm -rf "$DEVICE_DIR" && mkdir -p "$DEVICE_DIR/run/vq/checkpoints" "$DEVICE_DIR/data/$dataset"
 cp "$RUN_DIR/tokenizer.model" "$DEVICE_DIR/run/"
 cp -r "$RUN_DIR/vq/checkpoints/$last" "$DEVICE_DIR/run/vq/checkpoints/"
-cp -r "$DATA_DIR/shapes/$name" "$DEVICE_DIR/data/shapes/"
+cp -r "$DATA_DIR/$dataset/." "$DEVICE_DIR/data/$dataset/"
 du -sh "$DEVICE_DIR" .whl 2>/dev/null || true

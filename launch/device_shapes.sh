@@ -32,6 +32,7 @@ LIMIT=${LIMIT:-256}
 PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/shapes_tiny.py}
 WORK=${WORK:-/tmp}
+DEVICE_DIR=${DEVICE_DIR:-.device}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -43,9 +44,9 @@ if ! "$PYTHON" -c "$NEEDED" 2>/dev/null; then
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-DEV=$(cd "${DEVICE_DIR:-.device}" 2>/dev/null && pwd) || DEV=""
+DEV=$(cd "$DEVICE_DIR" 2>/dev/null && pwd) || DEV=""
 [[ -n "$DEV" && -d "$DEV/data" && -f "$DEV/run/tokenizer.model" ]] || {
-  echo "device_shapes: ${DEVICE_DIR:-.device}/ is incomplete (run launch/device_prepare.sh)"
+  echo "device_shapes: $DEVICE_DIR/ is incomplete (run launch/device_prepare.sh)"
   exit 2
 }
 export MUDDIT_DATA_DIR="$DEV/data"
