@@ -16,7 +16,8 @@ from typing import Any
 
 from bench import common
 
-BENCHMARKS = ("train_step", "sampler", "compile_memory", "scaling", "gpu", "binding")
+BENCHMARKS = ("train_step", "sampler", "compile_memory", "scaling", "gpu", "binding",
+              "codes_step")
 
 
 def run_one(name: str, smoke: bool, out: Path) -> common.Row:

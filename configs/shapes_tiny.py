@@ -6,7 +6,8 @@ Stages (``muddit_jax/train/stages.py``): a SentencePiece tokenizer trained on th
 questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes of 256, 32-64
 channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then the MM-DiT
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
-with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32). 31-35
+with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32), reading
+the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``). 31-35
 minutes in all on 2 cores (BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
 2,500 steps cost some seen-split T2I and CIDEr-D (``train.steps=2500`` takes it back for about 5
 minutes); VQA moved less than the spread between seeds. Backgrounds are plain: the
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None):
     c = base_config()
     c.data.update(kind="mixture", dataset="shapes", split="train", task="caption",
                   tokenizer="auto", global_batch=32, grid=16, text_length=32, images=True,
-                  text_maskable=True)
+                  text_maskable=True, pretokenize=True)
     # every ShapesConfig field is a key, so each is overridable (--config.data.options.num_train=64)
     shapes = dataclasses.asdict(ShapesConfig(resolution=32, max_objects=3, textures=("plain",),
                                              object_scale=1.5))

@@ -48,6 +48,19 @@ def test_sampler(tmp_path):
     assert out["i2t_text_encoder_in_compiled_loop"] == {"tiny": True}
 
 
+def test_codes_step(tmp_path):
+    from bench import codes_step
+
+    out = _run(codes_step, tmp_path)
+    pixels, codes, ratio = _rows(out)
+    assert (pixels["step on"], codes["step on"]) == ("pixels", "codes")
+    assert min(pixels["median ms"], codes["median ms"]) > 0 and out["speedup"] > 0
+    assert ratio["median ms"] == out["speedup"]
+    keys = out["batch_keys"]
+    assert "images" in keys["pixels"] and "image_ids" not in keys["pixels"]
+    assert "image_ids" in keys["codes"] and "images" not in keys["codes"]
+
+
 def test_compile_memory(tmp_path):
     from bench import compile_memory
 

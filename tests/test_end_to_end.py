@@ -40,7 +40,8 @@ def run(tmp_path_factory):
 def test_every_stage_runs_and_writes_its_artifacts(run) -> None:
     workdir, log = run
     assert "trained a" in log and "stage vq" in log and "done at step 30" in log
-    for name in ("tokenizer.model", "vq/recon.png", "vq/eval.json", "vq/metrics.jsonl",
+    assert "codes of shapes/train (256 records, 1 shards written, 0 reused)" in log
+    for name in ("tokenizer.model", "codes/captions/dataset_info.json", "vq/recon.png", "vq/eval.json", "vq/metrics.jsonl",
                  "metrics.jsonl", "loss.png", "samples/30/t2i.png",
                  "samples/30/understanding.png", "eval/30/summary.json", "eval/30/summary.md"):
         assert (workdir / name).is_file(), name
@@ -75,6 +76,7 @@ def test_rerun_resumes_both_stages(run) -> None:
     log = _train(workdir, "--config.train.steps=32")
     assert "stage vq" in log and "resumed at step 6" in log  # VQ finished: nothing to redo
     assert "resumed at step 30" in log and "done at step 32" in log
+    assert "0 shards written, 1 reused" in log  # the codes too
     again = _train(workdir, "--config.train.steps=32", "--stage=mmdit")
     assert "stage vq" not in again and "done at step 32" in again
 

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
         grid=4,  # image-code grid h = w (image_size / VQ factor when images=True)
         text_length=8,
         images=False,  # feed raw images [b, H, W, 3]; the frozen VQ encodes them in the step
+        # with images=True and a mixture: encode the training images to codes once, before the
+        # MM-DiT stage (WORKDIR/codes/; muddit_jax/train/codes_stage.py), not in every step
+        pretokenize=False,
         text_maskable=False,  # batches carry text_maskable [b, l] (VQA: keep the question)
         # data.kind=mixture: {name: dict(weight=w, dataset=..., task=caption|vqa, options=...,
         # split=, seed=, ...)}; rows per batch by weight, caption sources first

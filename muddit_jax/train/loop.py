@@ -28,6 +28,7 @@ import numpy as np
 from muddit_jax.parallel import distributed
 from muddit_jax.parallel.sharding import host_rows
 from muddit_jax.train.checkpoint import Checkpointer
+from muddit_jax.train.codes_stage import pretokenize_sources
 from muddit_jax.train.artifacts import run_artifacts
 from muddit_jax.train.data import dataset_factory
 from muddit_jax.train.flops import train_step_flops
@@ -143,6 +144,8 @@ def train(
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
            stop: StopRequest) -> TrainResult:
+    if data is None:  # data.pretokenize: encode the training images once (codes_stage)
+        config = pretokenize_sources(config, workdir)
     run = build_run(config)
     mesh, model, total = run.mesh, run.model, int(config.train.steps)
     rows = host_rows(run.batch_shardings["text_ids"], config.data.global_batch)

@@ -3,6 +3,8 @@
     WORKDIR/tokenizer.model     data.tokenizer="auto": SentencePiece trained on the split's texts
                                 (fine-tuning a converted pipeline: its tokenizer/ instead)
     WORKDIR/vq/                 stage 1 (vq): checkpoints/, metrics.jsonl, eval.json, recon.png
+    WORKDIR/codes/              data.pretokenize=True: the training images as VQ codes, encoded
+                                once before stage 2 (muddit_jax/train/codes_stage.py)
     WORKDIR/checkpoints/ ...    stage 2 (mmdit): the MM-DiT (+ text encoder) with the ELBO, the
                                 VQ frozen and read from stage 1 (train.vq_from="auto")
 
@@ -181,9 +183,11 @@ def run_stages(config: ml_collections.ConfigDict, workdir: str | Path, stage: st
         raise ValueError("the VQ stage (vq.steps > 0) trains on images: set data.images=True")
     if stage == "vq" and config.vq.steps == 0:
         raise ValueError("--stage=vq needs vq.steps > 0")
+    from muddit_jax.train.codes_stage import check as check_codes
     from muddit_jax.train.vq_stage import validate as validate_vq
 
     validate_vq(config.vq)  # fail before any slow work (tokenizer, compiles)
+    check_codes(config)
     if config.data.tokenizer == AUTO and config.data.tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"data.tokenizer_type={config.data.tokenizer_type!r}: use one of "
                          f"{TOKENIZER_TYPES}")

@@ -1,0 +1,75 @@
+"""Benchmark: the default's MM-DiT train step on pixels (the frozen VQ encoder inside the step)
+against the same step on pre-tokenized codes (``data.pretokenize=True``, what
+:mod:`muddit_jax.train.codes_stage` feeds), same params, timed round-robin in one process.
+
+Both arms are :func:`muddit_jax.train.run.build_run` of ``configs/shapes_tiny.py`` (random init,
+random batches of the default's shapes); the ratio is pixels / codes step time. The input
+pipeline is not in it (the trainer's ``steps/s`` in ``metrics.jsonl`` is).
+
+``python -m bench.codes_step [--smoke] [--json PATH] [--iters 20]``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from bench import common
+from bench.code_probe import load_config
+from muddit_jax.train.run import build_run
+
+
+def arm(pretokenize: bool, smoke: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """``(compiled step, state, global batch)`` of the default with or without codes."""
+    config = load_config("configs/shapes_tiny.py" + (":smoke" if smoke else ""))
+    config.data.tokenizer = ""  # no tokenizer file: the <mask> id is set directly
+    config.loss.text_mask_id = config.model.text_vocab_size - 1
+    config.data.pretokenize = pretokenize
+    config.eval.at_end = config.artifacts.at_end = False  # (they need the tokenizer)
+    run = build_run(config)
+    state = run.setup.init(config.seed, None)
+    rng = np.random.default_rng(0)
+    local = {}
+    for name, spec in run.batch_abstract.items():
+        if name == "images":
+            local[name] = rng.random(spec.shape, np.float32)
+        elif name == "image_ids":
+            local[name] = rng.integers(0, config.model.codebook_size, spec.shape, np.int32)
+        elif spec.dtype == np.bool_:
+            local[name] = np.ones(spec.shape, bool)
+        elif spec.dtype == np.int32:
+            local[name] = rng.integers(0, config.model.text_vocab_size - 1, spec.shape, np.int32)
+        else:
+            local[name] = rng.random(spec.shape, np.float32)
+    return run.compile(), state, run.global_batch(local)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = common.parser(__doc__)
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args(argv)
+    states, fns, keys = {}, {}, {}
+    for name, pretokenize in (("pixels", False), ("codes", True)):
+        step, state, batch = arm(pretokenize, args.smoke)
+        states[name], keys[name] = state, sorted(batch)
+
+        def call(name=name, step=step, batch=batch):
+            states[name], metrics = step(states[name], batch)
+            return metrics
+
+        fns[name] = call
+    times = common.time_interleaved(fns, 2 if args.smoke else args.iters, warmup=2)
+    rows = [{"step on": name, "median ms": 1e3 * t.median, "best ms": 1e3 * t.best}
+            for name, t in times.items()]
+    ratio = times["pixels"].median / times["codes"].median
+    rows.append({"step on": "pixels / codes", "median ms": ratio,
+                 "best ms": times["pixels"].best / times["codes"].best})
+    return common.finish("codes_step", args, {"MM-DiT train step (configs/shapes_tiny.py)":
+                                              (rows, None)}, speedup=ratio,
+                         batch_keys=keys, devices=jax.device_count())
+
+
+if __name__ == "__main__":
+    main()

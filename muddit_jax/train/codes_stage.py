@@ -1,0 +1,127 @@
+"""Between the stages (``data.pretokenize=True``): training images -> VQ codes once.
+
+The frozen VQ (``train.vq_from``, else ``train.init_from``) encodes every raw-image source of
+``data.mixture`` into ``WORKDIR/codes/<source>/`` with :mod:`muddit_jax.data.pretokenize`
+(atomic shards, resumable, host-sharded), and the MM-DiT stage reads the codes instead of running
+the VQ encoder in every step. Sources over the same dataset, split and options share one folder.
+The VQ stays in the train state: evaluation and artifacts decode with it. A folder written by
+another VQ or tokenizer is refused (the job fingerprints differ), never silently reused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+CODES_DIR = "codes"
+PRETOKENIZED = "pretokenized"  # muddit_jax.data.registry.PRETOKENIZED (not imported: tfds)
+ENCODE_BATCH = 64
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for a ``data.pretokenize`` the run cannot honour."""
+    d = config.data
+    if not d.get("pretokenize", False):
+        return
+    if d.kind != "mixture":
+        raise ValueError(f"data.pretokenize=True needs data.kind='mixture' (got {d.kind!r}); a "
+                         "one-source data.mixture trains on a single dataset")
+    if not d.images:
+        raise ValueError("data.pretokenize=True encodes images with the VQ: set data.images=True")
+    if not (config.train.vq_from or config.train.init_from):
+        raise ValueError("data.pretokenize=True needs the VQ that encodes the images: set "
+                         "train.vq_from (or train.init_from with a VQ)")
+
+
+def _group_key(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> str:
+    options = dict(source.get("options", None) or {})
+    return json.dumps([source.get("dataset", d.dataset), source.get("split", d.split),
+                       source.get("data_dir", d.data_dir), options], sort_keys=True, default=str)
+
+
+def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
+                        log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+    """Encode the mixture's raw-image sources (see the module docstring); returns a copy of
+    ``config`` whose sources read ``WORKDIR/codes/<name>/``. Without ``data.pretokenize`` (or
+    with every source already pre-tokenized) ``config`` is returned unchanged."""
+    check(config)
+    d = config.data
+    if not d.get("pretokenize", False):
+        return config
+    todo = {name: s for name, s in d.mixture.items()
+            if s.get("dataset", d.dataset) != PRETOKENIZED}
+    if not todo:
+        return config
+    from muddit_jax.data import pretokenize as pt
+    from muddit_jax.data import registry
+    from muddit_jax.data.pipeline import DataConfig
+    from muddit_jax.data.text import fingerprint
+    from muddit_jax.models.tokenizers import load_tokenizer
+    from muddit_jax.train import config as C
+    from muddit_jax.train.checkpoint import load_params
+    from muddit_jax.train.data import image_size
+
+    vq_config = C.model_config(config).vq
+    vq_path = config.train.vq_from or config.train.init_from
+    params = load_params(vq_path).get("vq")
+    if params is None:
+        raise ValueError(f"data.pretokenize=True: {vq_path} holds no VQ params")
+    resolution = image_size(config, vq_config.downsample_factor)
+    grid = resolution // vq_config.downsample_factor
+    tokenizer = load_tokenizer(d.tokenizer, add_mask_token=True)
+    vq_id = pt.vq_fingerprint(vq_config, params)
+    encode = pt.make_encoder(vq_config, params, ENCODE_BATCH)
+    out = ml_collections.ConfigDict(config.to_dict())
+    folders: dict[str, Path] = {}
+    features = {}
+    for name, source in todo.items():
+        key = _group_key(source, d)
+        if key not in folders:
+            folders[key] = Path(workdir).absolute() / CODES_DIR / name
+            data = DataConfig(dataset=source.get("dataset", d.dataset),
+                              split=source.get("split", d.split),
+                              data_dir=source.get("data_dir", d.data_dir) or None,
+                              options=dict(source.get("options", None) or {}),
+                              resolution=resolution, text_length=d.text_length)
+            options = data.source_options()
+            records = registry.data_source(data.dataset, data.split, data.data_dir, build=True,
+                                           **options)
+            job = pt.Job(data.dataset, options, resolution, d.text_length,
+                         fingerprint(tokenizer), vq_id, (grid, grid))
+            features[key] = pt.features(job, vqa=bool(len(records)) and "vqa" in records[0])
+            try:
+                summary = pt.pretokenize(records, data.split, folders[key], job, encode,
+                                         tokenizer, batch_size=ENCODE_BATCH, log=lambda _: None)
+            except ValueError as e:  # written for another VQ / tokenizer / dataset options
+                raise ValueError(f"data.pretokenize: {e}. Delete {folders[key]} to encode the "
+                                 "images again with this run's VQ") from e
+            if jax.process_index() == 0:
+                log(f"muddit-train: codes of {data.dataset}/{data.split} ({len(records)} records, "
+                    f"{len(summary['written'])} shards written, {len(summary['already_done'])} "
+                    f"reused) -> {folders[key]}")
+        out.data.mixture[name].dataset = PRETOKENIZED
+        out.data.mixture[name].options = {"path": str(folders[key])}
+    if jax.process_count() > 1:  # every host's shards, then the metadata, before any read
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pretokenize shards")
+        if jax.process_index() == 0:
+            for key, folder in folders.items():
+                pt.finalize(folder, features[key])
+        multihost_utils.sync_global_devices("pretokenize metadata")
+    return out
+
+
+def uses_codes(config: ml_collections.ConfigDict) -> bool:
+    """Whether the step's batches carry ``image_ids`` (pre-tokenized) rather than pixels."""
+    d = config.data
+    if d.get("pretokenize", False):
+        return True
+    mixture: Any = d.get("mixture", None) or {}
+    sources = [s.get("dataset", d.dataset) for s in mixture.values()] if d.kind == "mixture" \
+        else [d.dataset]
+    return bool(sources) and all(s == PRETOKENIZED for s in sources)
