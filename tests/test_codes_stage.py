@@ -5,6 +5,11 @@ config errors; the step is compiled for codes."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -21,6 +26,7 @@ from muddit_jax.train import config as C
 from muddit_jax.train.data import mixture_config
 from muddit_jax.train.run import abstract_batch
 
+REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"num_train": 24, "num_validation": 4, "num_test": 4}
 B, GRID = 8, 8
 
@@ -55,7 +61,7 @@ def env(tmp_path_factory):
 def batches(config, n=3):
     factor = C.model_config(config).vq.downsample_factor
     tok = load_tokenizer(config.data.tokenizer, add_mask_token=True)
-    with make_mixture(mixture_config(config, factor), tok) as it:
+    with make_mixture(mixture_config(config, factor), tok, rows=slice(0, B)) as it:
         return [next(it) for _ in range(n)]
 
 
@@ -115,3 +121,42 @@ def test_unchanged_without_the_flag_and_config_errors(env):
         with pytest.raises(ValueError, match=match):
             codes_stage.check(bad)
     assert codes_stage.PRETOKENIZED == registry.PRETOKENIZED
+
+
+WORKER = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import ml_collections
+from muddit_jax.train import codes_stage
+from tests.test_codes_stage import batches
+codes_stage.EXAMPLES_PER_SHARD = 8  # 24 records: shards 0, 2 on host 0 and shard 1 on host 1
+config = ml_collections.ConfigDict(json.loads(sys.argv[3]))
+coded = codes_stage.pretokenize_sources(config, sys.argv[4], log=lambda _: None)
+print(json.dumps([b["image_ids"].tolist() for b in batches(coded)]))
+"""
+
+
+def test_two_processes_share_the_shards(env, tmp_path):
+    """Real 2-process JAX (CPU, gloo, loopback): each host encodes its shards, process 0 writes
+    the metadata after both finish, and both then read the codes one process writes."""
+    root, c, _, _ = env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env_vars = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, str(script), address, str(p), c.to_json(),
+                               str(tmp_path / "run")], env=env_vars, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    errors = "".join(f"process {i}: {err[-2000:]}" for i, (_, err) in enumerate(outs))
+    assert [p.returncode for p in procs] == [0, 0], errors
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    single = codes_stage.pretokenize_sources(c, root / "single", log=lambda _: None)
+    assert got[0] == got[1] == [b["image_ids"].tolist() for b in batches(single)]
+    shards = tmp_path / "run" / "codes" / "captions" / "shards"
+    assert sorted(p.name for p in shards.glob("train-*.json")) == [
+        "train-00000.json", "train-00001.json", "train-00002.json"]

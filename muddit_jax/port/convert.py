@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from muddit_jax.port import io
@@ -88,10 +89,22 @@ def load_component(folder: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]
     """Read a component written by :func:`save_component` -> ``(name, config, params)``."""
     import orbax.checkpoint as ocp
 
+    from etils import epath
+
     folder = Path(folder)
     name, config = load_component_config(folder)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore((folder / "params").absolute())
+    # every array onto this process's first device, with targets from the file's metadata: a
+    # restore without targets reuses the writer's topology, which other processes of a
+    # multi-host job do not have
+    handler = ocp.PyTreeCheckpointHandler()
+    path = epath.Path((folder / "params").absolute())
+    meta = handler.metadata(path).tree
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(
+        sharding=local, global_shape=m.shape, dtype=m.dtype), meta)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+    params = handler.restore(path, args=ocp.args.PyTreeRestore(item=abstract,
+                                                               restore_args=restore_args))
     return name, config, params
 
 

@@ -20,6 +20,7 @@ import ml_collections
 CODES_DIR = "codes"
 PRETOKENIZED = "pretokenized"  # muddit_jax.data.registry.PRETOKENIZED (not imported: tfds)
 ENCODE_BATCH = 64
+EXAMPLES_PER_SHARD = 1024  # shard i is written by host i mod process_count
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -91,7 +92,7 @@ def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
             records = registry.data_source(data.dataset, data.split, data.data_dir, build=True,
                                            **options)
             job = pt.Job(data.dataset, options, resolution, d.text_length,
-                         fingerprint(tokenizer), vq_id, (grid, grid))
+                         fingerprint(tokenizer), vq_id, (grid, grid), EXAMPLES_PER_SHARD)
             features[key] = pt.features(job, vqa=bool(len(records)) and "vqa" in records[0])
             try:
                 summary = pt.pretokenize(records, data.split, folders[key], job, encode,
