@@ -11,6 +11,7 @@ pipeline is not in it (the trainer's ``steps/s`` in ``metrics.jsonl`` is).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,10 +21,12 @@ from bench import common
 from bench.code_probe import load_config
 from muddit_jax.train.run import build_run
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
+
 
 def arm(pretokenize: bool, smoke: bool) -> tuple[Any, Any, dict[str, Any]]:
     """``(compiled step, state, global batch)`` of the default with or without codes."""
-    config = load_config("configs/shapes_tiny.py" + (":smoke" if smoke else ""))
+    config = load_config(str(CONFIG) + (":smoke" if smoke else ""))
     config.data.tokenizer = ""  # no tokenizer file: the <mask> id is set directly
     config.loss.text_mask_id = config.model.text_vocab_size - 1
     config.data.pretokenize = pretokenize

@@ -7,8 +7,9 @@ questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes 
 channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then the MM-DiT
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
 with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32), reading
-the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``). 31-35
-minutes in all on 2 cores (BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
+the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``; the same
+run as on pixels, 1.08x faster steps, BENCHMARKS.md §1.17). 30-35 minutes in all on 2 cores
+(BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
 2,500 steps cost some seen-split T2I and CIDEr-D (``train.steps=2500`` takes it back for about 5
 minutes); VQA moved less than the spread between seeds. Backgrounds are plain: the
 noise/gradient textures put unpredictable codes in every image, which the generator then spends

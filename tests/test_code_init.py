@@ -90,7 +90,7 @@ def test_frozen_codebook_embedding_stays_at_its_init_through_training(tmp_path) 
 
     config = _smoke_config(code_init="codebook")
     config.optim.freeze = "mmdit/embed/embeddings/embedding"
-    config.data.update(kind="synthetic", text_maskable=False)
+    config.data.update(kind="synthetic", text_maskable=False, pretokenize=False)
     config.train.vq_from = ""  # the random-init VQ (no stage-1 run here)
     config.train.steps = config.checkpoint.every = 3
     start = build_run(config).setup.init(0, None, edit=code_init_edit(config))

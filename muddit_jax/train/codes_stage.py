@@ -29,8 +29,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not d.get("pretokenize", False):
         return
     if d.kind != "mixture":
-        raise ValueError(f"data.pretokenize=True needs data.kind='mixture' (got {d.kind!r}); a "
-                         "one-source data.mixture trains on a single dataset")
+        raise ValueError(f"data.pretokenize=True needs data.kind='mixture' (got {d.kind!r}): "
+                         "set data.pretokenize=False, or list the dataset as the one source of "
+                         "data.mixture")
     if not d.images:
         raise ValueError("data.pretokenize=True encodes images with the VQ: set data.images=True")
     if not (config.train.vq_from or config.train.init_from):
