@@ -3,7 +3,7 @@ against the same step on pre-tokenized codes (``data.pretokenize=True``, what
 :mod:`muddit_jax.train.codes_stage` feeds), same params, timed round-robin in one process.
 
 Both arms are :func:`muddit_jax.train.run.build_run` of ``configs/shapes_tiny.py`` (random init,
-random batches of the default's shapes); the ratio is pixels / codes step time. The input
+synthetic batches of the default's shapes); the ratio is pixels / codes step time. The input
 pipeline is not in it (the trainer's ``steps/s`` in ``metrics.jsonl`` is).
 
 ``python -m bench.codes_step [--smoke] [--json PATH] [--iters 20]``
@@ -20,6 +20,7 @@ import numpy as np
 from bench import common
 from bench.code_probe import load_config
 from muddit_jax.train.run import build_run
+from muddit_jax.train.synthetic import SyntheticData
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
 
@@ -33,19 +34,12 @@ def arm(pretokenize: bool, smoke: bool) -> tuple[Any, Any, dict[str, Any]]:
     config.eval.at_end = config.artifacts.at_end = False  # (they need the tokenizer)
     run = build_run(config)
     state = run.setup.init(config.seed, None)
-    rng = np.random.default_rng(0)
-    local = {}
-    for name, spec in run.batch_abstract.items():
-        if name == "images":
-            local[name] = rng.random(spec.shape, np.float32)
-        elif name == "image_ids":
-            local[name] = rng.integers(0, config.model.codebook_size, spec.shape, np.int32)
-        elif spec.dtype == np.bool_:
-            local[name] = np.ones(spec.shape, bool)
-        elif spec.dtype == np.int32:
-            local[name] = rng.integers(0, config.model.text_vocab_size - 1, spec.shape, np.int32)
-        else:
-            local[name] = rng.random(spec.shape, np.float32)
+    data = SyntheticData(run.model, global_batch=config.data.global_batch,
+                         grid=config.data.grid, text_length=config.data.text_length,
+                         images=not pretokenize)
+    local = next(data)
+    if "text_maskable" in run.batch_abstract:  # caption-like rows: all of the text is maskable
+        local["text_maskable"] = np.ones_like(local["text_valid"])
     return run.compile(), state, run.global_batch(local)
 
 

@@ -139,8 +139,8 @@ print(json.dumps([b["image_ids"].tolist() for b in batches(coded)]))
 
 
 def test_two_processes_share_the_shards(env, tmp_path):
-    """Real 2-process JAX (CPU, gloo, loopback): each host encodes its shards, process 0 writes
-    the metadata after both finish, and both then read the codes one process writes."""
+    """Real 2-process JAX (CPU, gloo, loopback): each host encodes its shards, the metadata is
+    written once all exist, and both hosts then read the codes one process writes."""
     root, c, _, _ = env
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

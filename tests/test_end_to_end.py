@@ -41,9 +41,10 @@ def test_every_stage_runs_and_writes_its_artifacts(run) -> None:
     workdir, log = run
     assert "trained a" in log and "stage vq" in log and "done at step 30" in log
     assert "codes of shapes/train (256 records, 1 shards written, 0 reused)" in log
-    for name in ("tokenizer.model", "codes/captions/dataset_info.json", "vq/recon.png", "vq/eval.json", "vq/metrics.jsonl",
-                 "metrics.jsonl", "loss.png", "samples/30/t2i.png",
-                 "samples/30/understanding.png", "eval/30/summary.json", "eval/30/summary.md"):
+    for name in ("tokenizer.model", "codes/captions/dataset_info.json", "vq/recon.png",
+                 "vq/eval.json", "vq/metrics.jsonl", "metrics.jsonl", "loss.png",
+                 "samples/30/t2i.png", "samples/30/understanding.png", "eval/30/summary.json",
+                 "eval/30/summary.md"):
         assert (workdir / name).is_file(), name
     for png in ("loss.png", "vq/recon.png", "samples/30/t2i.png", "samples/30/understanding.png"):
         img = np.asarray(Image.open(workdir / png))

@@ -85,6 +85,16 @@ def load_component_config(folder: str | os.PathLike) -> tuple[str, Any]:
     return name, _config_class(name).from_hf_config(hf)
 
 
+def array_restore_args(meta: Any, sharding: Any = None) -> Any:
+    """orbax restore args of one saved array: onto ``sharding``, by default this process's first
+    device. A restore without such targets reuses the writer's topology, which the other
+    processes of a multi-host job do not have."""
+    import orbax.checkpoint as ocp
+
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=meta.shape, dtype=meta.dtype)
+
+
 def load_component(folder: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]:
     """Read a component written by :func:`save_component` -> ``(name, config, params)``."""
     import orbax.checkpoint as ocp
@@ -93,15 +103,10 @@ def load_component(folder: str | os.PathLike) -> tuple[str, Any, dict[str, Any]]
 
     folder = Path(folder)
     name, config = load_component_config(folder)
-    # every array onto this process's first device, with targets from the file's metadata: a
-    # restore without targets reuses the writer's topology, which other processes of a
-    # multi-host job do not have
     handler = ocp.PyTreeCheckpointHandler()
     path = epath.Path((folder / "params").absolute())
     meta = handler.metadata(path).tree
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda m: ocp.ArrayRestoreArgs(
-        sharding=local, global_shape=m.shape, dtype=m.dtype), meta)
+    restore_args = jax.tree.map(array_restore_args, meta)
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
     params = handler.restore(path, args=ocp.args.PyTreeRestore(item=abstract,
                                                                restore_args=restore_args))

@@ -171,7 +171,12 @@ def load_params(
     ``shardings`` (``{name: tree of NamedSharding}``, e.g. ``StateSetup.param_shardings``) places
     a checkpoint's arrays directly on their shards; other arrays land on one local device.
     """
-    from muddit_jax.port.convert import MANIFEST, converted_pipeline, load_converted
+    from muddit_jax.port.convert import (
+        MANIFEST,
+        array_restore_args,
+        converted_pipeline,
+        load_converted,
+    )
 
     path = as_path(path)
     if (path / MANIFEST).exists():
@@ -192,10 +197,6 @@ def load_params(
     item = {trained: tree[trained], "frozen": tree.get("frozen") or {}}
     item = {k: v for k, v in item.items() if v}
 
-    def target(meta: Any, sharding: Any = None) -> Any:
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=meta.shape, dtype=meta.dtype)
-
     restore_args = {}
     for part, subtree in item.items():
         restore_args[part] = {}
@@ -203,7 +204,8 @@ def load_params(
             placed = (shardings or {}).get(name)
             if placed is not None and jax.tree.structure(placed) != jax.tree.structure(sub):
                 placed = None  # e.g. a scanned checkpoint for an unscanned run: place later
-            restore_args[part][name] = jax.tree.map(target, sub, *([placed] if placed else []))
+            restore_args[part][name] = jax.tree.map(array_restore_args, sub,
+                                                    *([placed] if placed else []))
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), item)
     out = handler.restore(
         state_dir,

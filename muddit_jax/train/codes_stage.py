@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import ml_collections
@@ -79,7 +79,6 @@ def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
     encode = pt.make_encoder(vq_config, params, ENCODE_BATCH)
     out = ml_collections.ConfigDict(config.to_dict())
     folders: dict[str, Path] = {}
-    features = {}
     for name, source in todo.items():
         key = _group_key(source, d)
         if key not in folders:
@@ -94,7 +93,6 @@ def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
                                            **options)
             job = pt.Job(data.dataset, options, resolution, d.text_length,
                          fingerprint(tokenizer), vq_id, (grid, grid), EXAMPLES_PER_SHARD)
-            features[key] = pt.features(job, vqa=bool(len(records)) and "vqa" in records[0])
             try:
                 summary = pt.pretokenize(records, data.split, folders[key], job, encode,
                                          tokenizer, batch_size=ENCODE_BATCH, log=lambda _: None)
@@ -107,23 +105,11 @@ def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
                     f"reused) -> {folders[key]}")
         out.data.mixture[name].dataset = PRETOKENIZED
         out.data.mixture[name].options = {"path": str(folders[key])}
-    if jax.process_count() > 1:  # every host's shards, then the metadata, before any read
+    if jax.process_count() > 1:  # no host reads before every host has written
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("pretokenize shards")
-        if jax.process_index() == 0:
-            for key, folder in folders.items():
-                pt.finalize(folder, features[key])
-        multihost_utils.sync_global_devices("pretokenize metadata")
+        # each host writes its shards' sidecars, then (pt.finalize) the metadata if every
+        # sidecar exists: the host that checks last sees them all, so it is written by then
+        multihost_utils.sync_global_devices("pretokenize")
     return out
 
-
-def uses_codes(config: ml_collections.ConfigDict) -> bool:
-    """Whether the step's batches carry ``image_ids`` (pre-tokenized) rather than pixels."""
-    d = config.data
-    if d.get("pretokenize", False):
-        return True
-    mixture: Any = d.get("mixture", None) or {}
-    sources = [s.get("dataset", d.dataset) for s in mixture.values()] if d.kind == "mixture" \
-        else [d.dataset]
-    return bool(sources) and all(s == PRETOKENIZED for s in sources)

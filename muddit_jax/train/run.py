@@ -27,7 +27,6 @@ from muddit_jax.parallel.sharding import (
 )
 from muddit_jax.train import config as C
 from muddit_jax.train.checkpoint import Checkpointer, load_params
-from muddit_jax.train.codes_stage import uses_codes
 from muddit_jax.train.optimizer import make_optimizer
 from muddit_jax.train.state import Networks, StateSetup, TrainState, setup_state
 from muddit_jax.train.step import make_train_step, muddit_loss_fn, vq_encode_fn
@@ -45,7 +44,7 @@ def abstract_batch(
     }
     if config.data.text_maskable:  # VQA: which text positions may be masked
         out["text_maskable"] = jax.ShapeDtypeStruct((b, l), jnp.bool_)
-    if config.data.images and not uses_codes(config):
+    if config.data.images and not config.data.get("pretokenize", False):  # else codes
         size = g * model.vq.downsample_factor
         out["images"] = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
     else:
