@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from muddit_jax.models.mmdit import MMDiTConfig
+from muddit_jax.models.mmdit import MMDiTConfig, unstack_block_params
 from muddit_jax.models.muddit import Muddit, MudditConfig
 from muddit_jax.models.text_encoder import CLIPTextConfig
 from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
@@ -428,20 +428,25 @@ def param_count(params: Any) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_init(config: MudditConfig, scan_layers: bool) -> Callable:
-    return jax.jit(Muddit(config, scan_layers=scan_layers).init)
+def _jitted_init(config: MudditConfig) -> Callable:
+    return jax.jit(Muddit(config, scan_layers=True).init)
 
 
 def init_params(size: BenchSize, seed: int = 0, scan_layers: bool = False) -> dict[str, Any]:
-    """Fresh unboxed ``{"text_encoder", "mmdit"}`` params of ``size`` (one compile per config)."""
+    """Fresh unboxed ``{"text_encoder", "mmdit"}`` params of ``size`` (one compile per config).
+
+    Always initialised in the scanned layout and unstacked for ``scan_layers=False``: the
+    unrolled init compiles every block (88 s against 20 s for Muddit-512 on 2 CPU cores)."""
     args = (
         jnp.zeros((1, size.grid, size.grid), jnp.int32),
         jnp.zeros((1, size.text_len), jnp.int32),
         jnp.zeros((1,), jnp.float32),
         jnp.zeros((1, 5), jnp.float32),
     )
-    init = _jitted_init(size.config, scan_layers)
-    return nn.unbox(init(jax.random.key(seed), *args))["params"]
+    params = nn.unbox(_jitted_init(size.config)(jax.random.key(seed), *args))["params"]
+    if not scan_layers:
+        params = {**params, "mmdit": unstack_block_params(params["mmdit"])}
+    return params
 
 
 def make_batch(size: BenchSize, seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:

@@ -227,7 +227,8 @@ def test_bad_stage_and_missing_run_fail_clearly(tmp_path, capsys) -> None:
 def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -> None:
     """``launch/device_prepare.sh`` stages the run's tokenizer, last VQ checkpoint and dataset
     (wheels skipped: no network); ``launch/device_shapes.sh`` trains the MM-DiT from them for a
-    fixed ``STEPS`` and writes one held-out evaluation per ``EVALS`` into ``summary.json``."""
+    fixed ``STEPS`` and writes one held-out evaluation per ``EVALS`` into ``summary.json``, also
+    for a run cut at ``DEADLINE``."""
     workdir, _ = run
     root = Path(__file__).resolve().parents[1]
     dev, out = tmp_path / "dev", tmp_path / "out"
@@ -263,6 +264,14 @@ def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -
     with tarfile.open(out / "run.tar.gz") as tar:
         names = tar.getnames()
     assert "metrics.jsonl" in names and any(n.startswith("eval/4") for n in names)
+    assert summary["completed"] is True
+    # a run cut at DEADLINE still leaves summary.json (no evaluation finished: none listed)
+    env.update(STEPS="1000", DEADLINE="15")
+    cut = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert cut.returncode == 124, cut.stdout[-2000:] + cut.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] is False and summary["evals"] == []
     env["DEVICE_DIR"] = str(tmp_path / "missing")
     bad = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
                          capture_output=True, text=True, timeout=60)
