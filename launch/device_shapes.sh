@@ -18,8 +18,9 @@
 # 0.1-0.2%); the probe's 53 steps/s fell to 30-43 over a 9,500-step run (RATE_FACTOR); the
 # probe with its start, compiles and a 32-example evaluation took 128 s, and one 256-example
 # held-out evaluation with the artifacts takes on the order of 1-2 minutes.
-# Output: $OUT/summary.json (steps, passes and held-out scores per evaluation) and
-# $OUT/run.tar.gz (metrics, eval JSON, PNGs).
+# Output: $OUT/summary.json (steps, passes and held-out scores per evaluation),
+# $OUT/run.tar.gz (metrics, eval JSON, PNGs) and $OUT/ckpt.tar.gz.* (the last checkpoint, in
+# parts of 15 MB; about 36 MB for the default's model and optimizer state).
 #
 # Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (240), RATE_FACTOR (0.7), PROBE_STEPS
 #   (200), EVALS (2), DEADLINE (520), BATCH (32, the default's), LIMIT (256 examples per task),
@@ -67,7 +68,8 @@ train() {  # workdir steps extra-overrides...
   rm -rf "$dir" && mkdir -p "$dir" && cp -r "$DEV/run/." "$dir/"
   # shellcheck disable=SC2086
   ${TIMEOUT:+timeout "$TIMEOUT"} "$PYTHON" -m muddit_jax.cli.train --config "$CONFIG" \
-    --workdir "$dir" --stage mmdit --config.train.steps="$steps" --config.data.global_batch="$BATCH" \
+    --workdir "$dir" --stage mmdit --config.train.steps="$steps" \
+    --config.data.global_batch="$BATCH" \
     --config.log.every=50 --config.eval.limit="$LIMIT" ${EXTRA:-} "$@"
 }
 
@@ -121,4 +123,9 @@ for e in evals:
 EOF
 tar -czf "$OUT/run.tar.gz" -C "$WORK/run" --ignore-failed-read metrics.jsonl eval samples \
   2>/dev/null || true
+# the last checkpoint in 15 MB parts (the device tool returns files of at most 16 MB), so the
+# trained model can be evaluated or probed elsewhere: cat ckpt.tar.gz.* | tar -xz
+if [[ -d "$WORK/run/checkpoints" ]]; then
+  tar -czf - -C "$WORK/run" checkpoints | split -b 15m - "$OUT/ckpt.tar.gz."
+fi
 exit $rc

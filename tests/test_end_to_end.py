@@ -4,6 +4,7 @@ eval CLIs on the run folder."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -265,6 +266,10 @@ def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -
         names = tar.getnames()
     assert "metrics.jsonl" in names and any(n.startswith("eval/4") for n in names)
     assert summary["completed"] is True
+    parts = sorted(out.glob("ckpt.tar.gz.*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        assert "checkpoints/4/commit_success.txt" in tar.getnames()
     # a run cut at DEADLINE still leaves summary.json (no evaluation finished: none listed)
     env.update(STEPS="1000", DEADLINE="15")
     cut = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
