@@ -436,7 +436,7 @@ def init_params(size: BenchSize, seed: int = 0, scan_layers: bool = False) -> di
     """Fresh unboxed ``{"text_encoder", "mmdit"}`` params of ``size`` (one compile per config).
 
     Always initialised in the scanned layout and unstacked for ``scan_layers=False``: the
-    unrolled init compiles every block (88 s against 20 s for Muddit-512 on 2 CPU cores)."""
+    unrolled init compiles every block (81 s against 24 s for Muddit-512 on 2 CPU cores)."""
     args = (
         jnp.zeros((1, size.grid, size.grid), jnp.int32),
         jnp.zeros((1, size.text_len), jnp.int32),

@@ -67,7 +67,7 @@ train() {  # workdir steps extra-overrides...
   shift 2
   rm -rf "$dir" && mkdir -p "$dir" && cp -r "$DEV/run/." "$dir/"
   # shellcheck disable=SC2086
-  ${TIMEOUT:+timeout "$TIMEOUT"} "$PYTHON" -m muddit_jax.cli.train --config "$CONFIG" \
+  ${TIMEOUT:+timeout -k 30 "$TIMEOUT"} "$PYTHON" -m muddit_jax.cli.train --config "$CONFIG" \
     --workdir "$dir" --stage mmdit --config.train.steps="$steps" \
     --config.data.global_batch="$BATCH" \
     --config.log.every=50 --config.eval.limit="$LIMIT" ${EXTRA:-} "$@"
@@ -95,7 +95,7 @@ EOF
 fi
 
 # 2. the run: cosine schedule over STEPS, eval every EVERY steps (and at the end), cut at
-# DEADLINE (timeout's exit code 124 then)
+# DEADLINE (exit code 124): SIGTERM, on which the trainer saves a checkpoint, SIGKILL 30 s later
 left=$((DEADLINE - ($(date +%s) - T0)))
 [[ $left -gt 0 ]] || { echo "device_shapes: DEADLINE ($DEADLINE s) passed before the run"; exit 1; }
 rc=0

@@ -271,7 +271,7 @@ def test_device_scripts_stage_the_run_and_score_each_evaluation(run, tmp_path) -
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
         assert "checkpoints/4/commit_success.txt" in tar.getnames()
     # a run cut at DEADLINE still leaves summary.json (no evaluation finished: none listed)
-    env.update(STEPS="1000", DEADLINE="15")
+    env.update(STEPS="100000", DEADLINE="30")
     cut = subprocess.run(["bash", str(root / "launch/device_shapes.sh")], env=env,
                          capture_output=True, text=True, timeout=120)
     assert cut.returncode == 124, cut.stdout[-2000:] + cut.stderr[-2000:]
