@@ -91,7 +91,8 @@ def test_codes_give_the_batches_of_the_in_step_encode(env):
 
 def test_rerun_reuses_the_codes_and_another_vq_is_refused(env):
     root, c, vq_config, params = env
-    codes_stage.pretokenize_sources(c, root / "run")
+    coded = codes_stage.pretokenize_sources(c, root / "run")
+    assert codes_stage.pretokenize_sources(coded, root / "run") is coded  # already codes
     shards = (root / "run" / "codes").rglob("pretokenized-*")
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     assert stamps

@@ -39,55 +39,46 @@ def check(config: ml_collections.ConfigDict) -> None:
                          "train.vq_from (or train.init_from with a VQ)")
 
 
-def _group_key(source: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> str:
-    options = dict(source.get("options", None) or {})
-    return json.dumps([source.get("dataset", d.dataset), source.get("split", d.split),
-                       source.get("data_dir", d.data_dir), options], sort_keys=True, default=str)
-
-
 def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
                         log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
     """Encode the mixture's raw-image sources (see the module docstring); returns a copy of
     ``config`` whose sources read ``WORKDIR/codes/<name>/``. Without ``data.pretokenize`` (or
-    with every source already pre-tokenized) ``config`` is returned unchanged."""
+    with the sources already pre-tokenized) ``config`` is returned unchanged."""
     check(config)
     d = config.data
     if not d.get("pretokenize", False):
         return config
-    todo = {name: s for name, s in d.mixture.items()
-            if s.get("dataset", d.dataset) != PRETOKENIZED}
-    if not todo:
-        return config
     from muddit_jax.data import pretokenize as pt
     from muddit_jax.data import registry
-    from muddit_jax.data.pipeline import DataConfig
     from muddit_jax.data.text import fingerprint
     from muddit_jax.models.tokenizers import load_tokenizer
     from muddit_jax.train import config as C
     from muddit_jax.train.checkpoint import load_params
-    from muddit_jax.train.data import image_size
+    from muddit_jax.train.data import mixture_config
 
     vq_config = C.model_config(config).vq
+    # the sources' DataConfigs with the mixture's shared fields (split, data_dir, resolution,
+    # text_length) filled in; a mixture is all pre-tokenized or all raw (MixtureConfig checks)
+    sources = mixture_config(config, vq_config.downsample_factor).sources
+    if sources[0].config.dataset == PRETOKENIZED:
+        return config
     vq_path = config.train.vq_from or config.train.init_from
     params = load_params(vq_path).get("vq")
     if params is None:
         raise ValueError(f"data.pretokenize=True: {vq_path} holds no VQ params")
-    resolution = image_size(config, vq_config.downsample_factor)
+    resolution = sources[0].config.resolution
     grid = resolution // vq_config.downsample_factor
     tokenizer = load_tokenizer(d.tokenizer, add_mask_token=True)
     vq_id = pt.vq_fingerprint(vq_config, params)
     encode = pt.make_encoder(vq_config, params, ENCODE_BATCH)
     out = ml_collections.ConfigDict(config.to_dict())
     folders: dict[str, Path] = {}
-    for name, source in todo.items():
-        key = _group_key(source, d)
+    for source in sources:
+        data = source.config
+        key = json.dumps([data.dataset, data.split, data.data_dir, dict(data.options)],
+                         sort_keys=True, default=str)
         if key not in folders:
-            folders[key] = Path(workdir).absolute() / CODES_DIR / name
-            data = DataConfig(dataset=source.get("dataset", d.dataset),
-                              split=source.get("split", d.split),
-                              data_dir=source.get("data_dir", d.data_dir) or None,
-                              options=dict(source.get("options", None) or {}),
-                              resolution=resolution, text_length=d.text_length)
+            folders[key] = Path(workdir).absolute() / CODES_DIR / source.name
             options = data.source_options()
             records = registry.data_source(data.dataset, data.split, data.data_dir, build=True,
                                            **options)
@@ -103,8 +94,8 @@ def pretokenize_sources(config: ml_collections.ConfigDict, workdir: str | Path,
                 log(f"muddit-train: codes of {data.dataset}/{data.split} ({len(records)} records, "
                     f"{len(summary['written'])} shards written, {len(summary['already_done'])} "
                     f"reused) -> {folders[key]}")
-        out.data.mixture[name].dataset = PRETOKENIZED
-        out.data.mixture[name].options = {"path": str(folders[key])}
+        out.data.mixture[source.name].dataset = PRETOKENIZED
+        out.data.mixture[source.name].options = {"path": str(folders[key])}
     if jax.process_count() > 1:  # no host reads before every host has written
         from jax.experimental import multihost_utils
 
