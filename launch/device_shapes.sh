@@ -17,7 +17,9 @@
 # them. Measured on one H200 (BENCHMARKS.md §1.18): the loop is host-bound at batch 32 (MFU
 # 0.1-0.2%); the probe's 53 steps/s fell to 30-43 over a 9,500-step run (RATE_FACTOR); the
 # probe with its start, compiles and a 32-example evaluation took 128 s, and one 256-example
-# held-out evaluation with the artifacts takes on the order of 1-2 minutes.
+# held-out evaluation with the artifacts takes on the order of 1-2 minutes. To take the input
+# pipeline off the step loop's process: EXTRA="--config.data.workers=4" (grain worker
+# processes; same batches; not yet measured on a device).
 # Output: $OUT/summary.json (steps, passes and held-out scores per evaluation),
 # $OUT/run.tar.gz (metrics, eval JSON, PNGs) and $OUT/ckpt.tar.gz.* (the last checkpoint, in
 # parts of 15 MB; about 36 MB for the default's model and optimizer state).

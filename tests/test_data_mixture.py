@@ -18,7 +18,7 @@ from muddit_jax.data.mixture import (
     row_counts,
 )
 from muddit_jax.train.config import base_config
-from muddit_jax.train.data import dataset_factory
+from muddit_jax.train.data import dataset_factory, mixture_config
 
 SHAPES = {"num_train": 24, "num_validation": 4, "num_test": 4}
 B = 8
@@ -155,3 +155,17 @@ def test_trainer_factory(env):
     c.data.mixture = {}
     with pytest.raises(ValueError, match="needs data.mixture"):
         dataset_factory(c, 8)
+
+
+def test_trainer_throughput_fields_reach_every_source(env):
+    _, _, data_dir, spec, tok_path = env
+    c = trainer_config({**spec, "vqa": {**spec["vqa"], "read_threads": 3}}, data_dir, tok_path,
+                       t2i_fraction=0.25)
+    c.data.update(read_threads=1, prefetch=16, workers=2)
+    got = {s.name: (s.config.read_threads, s.config.prefetch, s.config.workers)
+           for s in mixture_config(c, 8).sources}
+    assert got == {"captions": (1, 16, 2), "vqa": (3, 16, 2)}  # a source's own value wins
+    c.data.update(kind="dataset", task="caption", text_maskable=False, workers=0)
+    c.data.options = SHAPES
+    with dataset_factory(c, 8)(slice(0, B)) as it:
+        assert (it.config.read_threads, it.config.prefetch, it.config.workers) == (1, 16, 0)

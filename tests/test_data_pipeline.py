@@ -192,6 +192,8 @@ def test_config_errors_fail_fast(env, tmp_path):
                       process_index=0, process_count=1)
     with pytest.raises(ValueError, match="unknown DataConfig fields"):
         DataConfig.from_dict({"resoluton": 32})
+    with pytest.raises(ValueError, match=r"workers=-1 must be an int >= 0"):
+        DataConfig(workers=-1)
 
 
 def test_to_global_builds_sharded_arrays(env):
@@ -263,3 +265,15 @@ def test_two_processes_assemble_the_global_batch(env, tmp_path):
     got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert got[0] == got[1] == [b["index"].tolist() for b in take(config, tok, 6)]
     assert sorted(sum(got[0], [])) == list(range(24))
+
+
+def test_a_state_resumes_only_with_its_worker_count(env):
+    config, tok, _ = env
+    with make_iterator(config, tok, process_index=0, process_count=1) as it:
+        next(it)
+        state = json.loads(json.dumps(it.get_state()))
+    assert state["workers"] == 0
+    with make_iterator(dataclasses.replace(config, workers=2), tok, process_index=0,
+                       process_count=1) as it:
+        with pytest.raises(ValueError, match=r"saved with workers=0.*resume with workers=0"):
+            it.set_state(state)

@@ -13,11 +13,14 @@ State: :meth:`DataIterator.get_state` is a JSON-able dict (grain's iterator stat
 into a partly used block, skip counts, a fingerprint of everything that fixes the stream);
 :meth:`DataIterator.set_state` on a fresh iterator continues with exactly the batches the saved
 one would have produced, and refuses a state from a different stream (other dataset / seed /
-rows / batch size ...). A skipped record is replaced by the next one of the host's own stream,
-so with skips host streams stay deterministic but no longer line up position for position.
+rows / batch size ...) or from another ``workers`` count (grain's state differs). A skipped
+record is replaced by the next one of the host's own stream, so with skips host streams stay
+deterministic but no longer line up position for position.
 
-Throughput knobs: ``read_threads`` (grain prefetch threads in this process; Pillow releases the
-GIL while decoding) and ``workers`` (grain worker processes).
+Throughput knobs (same batches whatever their values): ``read_threads`` (grain prefetch threads
+in this process; Pillow releases the GIL while decoding), ``prefetch`` and ``workers`` (grain
+worker processes). The trainer sets them from ``data.read_threads`` / ``prefetch`` /
+``workers``.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class DataConfig:
             problems.append(f"task={self.task!r} is not one of {TASKS}")
         if self.num_epochs is not None and self.num_epochs < 1:
             problems.append(f"num_epochs={self.num_epochs} must be None (forever) or >= 1")
+        problems += [f"{f}={getattr(self, f)!r} must be an int >= 0" for f in
+                     ("read_threads", "prefetch", "workers")
+                     if not isinstance(getattr(self, f), int) or getattr(self, f) < 0]
         if problems:
             raise ValueError("invalid DataConfig: " + "; ".join(problems))
 
@@ -185,7 +191,8 @@ class DataIterator:
         else:
             grain_state, offset = self._iter.get_state(), 0
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint,
-                "grain": _jsonable(grain_state), "offset": offset, "skipped": self.skipped}
+                "grain": _jsonable(grain_state), "offset": offset, "skipped": self.skipped,
+                "workers": self.config.workers}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -196,6 +203,12 @@ class DataIterator:
         if diff:
             raise ValueError(f"data iterator state is from a different stream: (saved, now) = "
                              f"{diff}; restore with the same data config and rows")
+        saved_workers = state.get("workers", self.config.workers)  # older states: unchecked
+        if saved_workers != self.config.workers:
+            raise ValueError(
+                f"data iterator state was saved with workers={saved_workers}, this iterator has "
+                f"workers={self.config.workers}: grain's state depends on the worker-process "
+                f"count; resume with workers={saved_workers} (data.workers in a training config)")
         self._iter.set_state(_jsonable(state["grain"]))
         self._pending, self._offset = [], 0
         if state["offset"]:

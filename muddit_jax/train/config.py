@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
         # split=, seed=, ...)}; rows per batch by weight, caption sources first
         # (muddit_jax/data/mixture.py); dataset / task / options above are then unused
         mixture=ml_collections.ConfigDict(),
+        # host input throughput (muddit_jax/data/pipeline.py; every source of a mixture): grain
+        # prefetch threads, examples prefetched, grain worker processes (0 = in this process).
+        # None of them changes the batches; a checkpoint resumes only with the same `workers`
+        read_threads=4, prefetch=64, workers=0,
     )
     c.eval = dict(
         tasks="caption,vqa,t2i",  # evaluators run by muddit-eval / every `every` train steps

@@ -51,9 +51,16 @@ def dataset_factory(
         dataset=d.dataset, split=d.split, data_dir=d.data_dir or None,
         options=dict(d.options), resolution=image_size(config, vq_factor),
         text_length=d.text_length, global_batch_size=d.global_batch, task=d.task,
-        seed=config.seed, resolution_multiple=vq_factor,
+        seed=config.seed, resolution_multiple=vq_factor, **throughput(config),
     )
     return lambda rows: make_iterator(data_config, tokenizer, rows=rows)
+
+
+def throughput(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """``data.read_threads`` / ``prefetch`` / ``workers`` where set (else the DataConfig
+    defaults): host input speed only, the batches are the same."""
+    return {k: int(config.data[k]) for k in ("read_threads", "prefetch", "workers")
+            if k in config.data}
 
 
 def mixture_config(config: ml_collections.ConfigDict, vq_factor: int) -> Any:
@@ -68,7 +75,7 @@ def mixture_config(config: ml_collections.ConfigDict, vq_factor: int) -> Any:
     mix = MixtureConfig.from_dict(
         d.mixture, d.global_batch, split=d.split, data_dir=d.data_dir or None,
         resolution=image_size(config, vq_factor), text_length=d.text_length,
-        seed=config.seed, resolution_multiple=vq_factor,
+        seed=config.seed, resolution_multiple=vq_factor, **throughput(config),
     )
     if mix.has_vqa != bool(d.text_maskable):
         raise ValueError(f"data.text_maskable must be {mix.has_vqa}: True exactly when a "
