@@ -25,9 +25,12 @@ from muddit_jax.train.synthetic import SyntheticData
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
 
 
-def arm(pretokenize: bool, smoke: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """``(compiled step, state, global batch)`` of the default with or without codes."""
+def arm(pretokenize: bool, smoke: bool,
+        **model: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(compiled step, state, global batch)`` of the default with or without codes;
+    ``model`` overrides ``config.model`` fields (e.g. ``width=64``)."""
     config = load_config(str(CONFIG) + (":smoke" if smoke else ""))
+    config.model.update(model)
     config.data.tokenizer = ""  # no tokenizer file: the <mask> id is set directly
     config.loss.text_mask_id = config.model.text_vocab_size - 1
     config.data.pretokenize = pretokenize

@@ -6,12 +6,12 @@ Stages (``muddit_jax/train/stages.py``): a SentencePiece tokenizer trained on th
 questions (``data.tokenizer="auto"``), the VQ tokenizer (32 px -> 16 x 16 codes of 256, 32-64
 channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then the MM-DiT
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
-with the ELBO on a mixture of T2I, captioning and VQA rows (2,000 steps at batch 32), reading
-the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``; the same
-run as on pixels, 1.08x faster steps, BENCHMARKS.md §1.17). 30-35 minutes in all on 2 cores
-(BENCHMARKS.md §1.9): halving the VQ batch and cutting the MM-DiT from
-2,500 steps cost some seen-split T2I and CIDEr-D (``train.steps=2500`` takes it back for about 5
-minutes); VQA moved less than the spread between seeds. Backgrounds are plain: the
+with the ELBO on a mixture of T2I, captioning and VQA rows (4,200 steps at batch 32, width 64),
+reading the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``;
+the same run as on pixels, 1.08x faster steps, BENCHMARKS.md §1.17). 30-35 minutes in all on 2
+cores (BENCHMARKS.md §1.9). Width 64 steps twice as fast as 128, so the same minutes train 4,200
+steps instead of 2,000: seen-split T2I 0.18-0.19 in two seeds against 0.11 (width 96 for 2,850:
+0.14), held-out scores unchanged (BENCHMARKS.md §1.19). Backgrounds are plain: the
 noise/gradient textures put unpredictable codes in every image, which the generator then spends
 its few CPU steps on. Objects are 1.5x the dataset's default size (10 and 15 px on a side): once
 through the VQ, 6-px shapes are hard to tell apart for the model and the T2I detector alike
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
         captions=dict(weight=0.75, dataset="shapes", task="caption", options=shapes),
         vqa=dict(weight=0.25, dataset="shapes", task="vqa", options=shapes),
     )
-    c.model.update(preset="tiny", text_vocab_size=256, codebook_size=256, width=128,
+    c.model.update(preset="tiny", text_vocab_size=256, codebook_size=256, width=64,
                    dual_layers=2, single_layers=4, text_layers=2, downsample=True,
                    vq_channels=(32, 64), vq_layers_per_block=1, vq_latent_channels=16,
                    vq_norm_groups=8)
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
     c.loss.update(cond_dropout=0.1, min_mask_rate=0.0, t2i_fraction=0.5, text_pad_is_target=True)
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=200, end_lr_ratio=0.05,
                    weight_decay=0.01, clip_norm=1.0, b2=0.99)
-    c.train.update(steps=2000, trainable="mmdit,text_encoder", vq_from="auto", ema_decay=0.0)
+    c.train.update(steps=4200, trainable="mmdit,text_encoder", vq_from="auto", ema_decay=0.0)
     c.checkpoint.update(every=500, keep=2)
     c.log.update(every=50)
     # guidance picks only among codes the conditional branch gives >= 0.1 of its top code's

@@ -19,10 +19,11 @@
 # probe with its start, compiles and a 32-example evaluation took 128 s, and one 256-example
 # held-out evaluation with the artifacts takes on the order of 1-2 minutes. To take the input
 # pipeline off the step loop's process: EXTRA="--config.data.workers=4" (grain worker
-# processes; same batches; not yet measured on a device).
+# processes; same batches; not yet measured on a device). The config's model is width 64 since
+# BENCHMARKS.md §1.19; §1.18 ran width 128 (EXTRA="--config.model.width=128").
 # Output: $OUT/summary.json (steps, passes and held-out scores per evaluation),
 # $OUT/run.tar.gz (metrics, eval JSON, PNGs) and $OUT/ckpt.tar.gz.* (the last checkpoint, in
-# parts of 15 MB; about 36 MB for the default's model and optimizer state).
+# parts of 15 MB; about 36 MB for a width-128 model and its optimizer state).
 #
 # Variables: OUT (default /tmp/device_out), TRAIN_SECONDS (240), RATE_FACTOR (0.7), PROBE_STEPS
 #   (200), EVALS (2), DEADLINE (520), BATCH (32, the default's), LIMIT (256 examples per task),

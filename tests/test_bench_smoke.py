@@ -61,6 +61,16 @@ def test_codes_step(tmp_path):
     assert "image_ids" in keys["codes"] and "images" not in keys["codes"]
 
 
+def test_model_width(tmp_path):
+    from bench import model_width
+
+    out = _run(model_width, tmp_path)
+    rows = _rows(out)
+    assert [r["width"] for r in rows] == [16, 32] and out["default_width"] == 32
+    assert rows[0]["trainable params"] < rows[1]["trainable params"]
+    assert rows[1]["steps per default step"] == 1.0 and rows[0]["steps per default step"] > 0
+
+
 def test_compile_memory(tmp_path):
     from bench import compile_memory
 
