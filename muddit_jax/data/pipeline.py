@@ -46,6 +46,8 @@ from muddit_jax.data.schema import SkipCounter
 from muddit_jax.models.tokenizers import Tokenizer, load_tokenizer
 
 STATE_VERSION = 1
+# DataConfig fields that set host input speed only: not part of the stream's fingerprint
+THROUGHPUT_FIELDS = ("read_threads", "prefetch", "workers")
 Batch = dict[str, np.ndarray]
 
 
@@ -93,8 +95,7 @@ class DataConfig:
             problems.append(f"task={self.task!r} is not one of {TASKS}")
         if self.num_epochs is not None and self.num_epochs < 1:
             problems.append(f"num_epochs={self.num_epochs} must be None (forever) or >= 1")
-        problems += [f"{f}={getattr(self, f)!r} must be an int >= 0" for f in
-                     ("read_threads", "prefetch", "workers")
+        problems += [f"{f}={getattr(self, f)!r} must be an int >= 0" for f in THROUGHPUT_FIELDS
                      if not isinstance(getattr(self, f), int) or getattr(self, f) < 0]
         if problems:
             raise ValueError("invalid DataConfig: " + "; ".join(problems))

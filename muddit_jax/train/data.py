@@ -59,8 +59,9 @@ def dataset_factory(
 def throughput(config: ml_collections.ConfigDict) -> dict[str, int]:
     """``data.read_threads`` / ``prefetch`` / ``workers`` where set (else the DataConfig
     defaults): host input speed only, the batches are the same."""
-    return {k: int(config.data[k]) for k in ("read_threads", "prefetch", "workers")
-            if k in config.data}
+    from muddit_jax.data.pipeline import THROUGHPUT_FIELDS
+
+    return {k: int(config.data[k]) for k in THROUGHPUT_FIELDS if k in config.data}
 
 
 def mixture_config(config: ml_collections.ConfigDict, vq_factor: int) -> Any:
