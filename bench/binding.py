@@ -13,7 +13,10 @@ The table reports held-out answer accuracy (chance 1/2 for the yes/no tasks). Th
 each row by ``1 / max(r, ratio_floor)``; with upstream's floor (1e-3) and answers of one or two
 tokens, a row with tiny ``r`` still masks one token and weighs it up to 1000x. Two extra rows
 repeat ``bind`` with ``--ratio-floor`` (default 0.2) and with ``loss.weighting="count"`` (the
-realised ``n / k``: a one-token answer always weighs 1). The baseline row trains a plain
+realised ``n / k``: a one-token answer always weighs 1), and a third repeats the ``count`` row
+with rotary axes ``(head_dim, 0, 0)``: no channel rotates with the image row or column, so a
+text query matches image keys by content alone (``model.rope_axes``; at 8 x 8 tokens this is
+what lets ``bind`` be learnt, BENCHMARKS.md §1.20). The baseline row trains a plain
 pre-LN transformer encoder (same width, depth and heads; learned positions and a modality
 embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimizer.
 ``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
@@ -73,20 +76,24 @@ def blank_answer(batch: dict) -> jax.Array:
     return batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
 
 
-def model(width: int) -> Muddit:
-    """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder)."""
+def model(width: int, spatial_rope: bool = True) -> Muddit:
+    """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder); without
+    ``spatial_rope`` every rotary channel sits on the (always zero) first axis."""
     cfg = MudditConfig.tiny(VOCAB, codebook_size=COLOURS + 1, width=width)
     text = dataclasses.replace(cfg.text, num_hidden_layers=1, max_position_embeddings=LENGTH)
-    return Muddit(dataclasses.replace(cfg, text=text))
+    mmdit = cfg.mmdit
+    if not spatial_rope:
+        mmdit = dataclasses.replace(mmdit, axes_dims_rope=(mmdit.attention_head_dim, 0, 0))
+    return Muddit(dataclasses.replace(cfg, text=text, mmdit=mmdit))
 
 
 def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
                ratio_floor: float = UPSTREAM_FLOOR, weighting: str = "muddit",
-               seed: int = 0) -> Row:
+               spatial_rope: bool = True, seed: int = 0) -> Row:
     """Train a fresh model on ``task`` for ``steps`` (loss weight ``1 / max(r, ratio_floor)``,
     or the realised ``n / k`` for ``weighting="count"``) and score its answers on held-out
     batches."""
-    net, rng = model(width), np.random.default_rng(seed)
+    net, rng = model(width, spatial_rope), np.random.default_rng(seed)
     config = LossConfig(image_mask_id=COLOURS + 1, text_mask_id=MASK, t2i_fraction=0.0,
                         empty_text_ids=(BOS, EOS) + (0,) * (LENGTH - 2), cond_dropout=0.0,
                         ratio_floor=ratio_floor, weighting=weighting)
@@ -115,8 +122,9 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
     for i in range(steps):
         params, opt = step(params, opt, make_batch(task, grid, rng), jax.random.key(i))
     accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid)
-    return dict(task=task, weighting=weighting, ratio_floor=ratio_floor, steps=steps,
-                grid=grid, width=width, lr=lr, chance=1 / COLOURS if task == "copy" else 0.5,
+    return dict(task=task, weighting=weighting, ratio_floor=ratio_floor,
+                spatial_rope=spatial_rope, steps=steps, grid=grid, width=width, lr=lr,
+                chance=1 / COLOURS if task == "copy" else 0.5,
                 accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
 
@@ -170,8 +178,8 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
         params, opt = step(params, opt, make_batch("bind", grid, rng))
     accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
     return dict(task="bind (plain transformer baseline)", weighting=None, ratio_floor=None,
-                steps=steps, grid=grid, width=width, lr=lr, chance=0.5, accuracy=accuracy,
-                train_s_with_compile=time.perf_counter() - start)
+                spatial_rope=None, steps=steps, grid=grid, width=width, lr=lr, chance=0.5,
+                accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
 
 def held_out_accuracy(correct: Any, task: str, grid: int) -> float:
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [train_task(t, **kw) for t in TASKS]
     rows.append(train_task("bind", ratio_floor=args.ratio_floor, **kw))
     rows.append(train_task("bind", weighting="count", **kw))
+    rows.append(train_task("bind", weighting="count", spatial_rope=False, **kw))
     rows.append(train_baseline(**kw))
     return common.finish("binding", args, {"answer accuracy after training": (rows, None)})
 

@@ -125,12 +125,13 @@ def test_binding(tmp_path):
     from bench import binding
 
     rows = _rows(_run(binding, tmp_path))
-    assert [r["task"] for r in rows] == ["copy", "image", "bind", "bind", "bind",
+    assert [r["task"] for r in rows] == ["copy", "image", "bind", "bind", "bind", "bind",
                                          "bind (plain transformer baseline)"]
-    assert [r["ratio_floor"] for r in rows] == [1e-3, 1e-3, 1e-3, 0.2, 1e-3, None]
-    assert [r["weighting"] for r in rows] == ["muddit"] * 4 + ["count", None]
+    assert [r["ratio_floor"] for r in rows] == [1e-3, 1e-3, 1e-3, 0.2, 1e-3, 1e-3, None]
+    assert [r["weighting"] for r in rows] == ["muddit"] * 4 + ["count", "count", None]
+    assert [r["spatial_rope"] for r in rows] == [True] * 5 + [False, None]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 5 for r in rows)
-    assert [r["chance"] for r in rows] == [1 / 8, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert [r["chance"] for r in rows] == [1 / 8] + [0.5] * 6
 
 
 def test_binding_batches_pose_the_three_tasks():

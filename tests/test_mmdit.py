@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from muddit_jax.models.embeddings import rope_cos_sin, rope_ids, timestep_embedding
+from muddit_jax.models.embeddings import (
+    per_head_rope,
+    rope_cos_sin,
+    rope_ids,
+    timestep_embedding,
+)
 from muddit_jax.models.mmdit import (
     MMDiT,
     MMDiTConfig,
@@ -336,6 +341,78 @@ def test_rope_theta_option():
     assert float(jnp.abs(out_default - out_low).max()) > 1e-3
     with pytest.raises(ValueError, match="rope_theta"):
         dataclasses.replace(cfg, rope_theta=1.0)
+
+
+def test_rope_axes_without_spatial_channels_make_image_tokens_a_set():
+    """Rotary axes ``(head_dim, 0, 0)`` (``model.rope_axes``) leave no channel that rotates with
+    row or column (axis 0 is 0 for every token), so without down-sampling or a position table
+    permuting the image tokens permutes the image logits; the preset's 1:3:3 split does not.
+    The training config maps and validates the field."""
+    from muddit_jax.train import config as C
+
+    plain = dataclasses.replace(MMDiTConfig(**BASE), downsample=False, upsample=False)
+    inputs = {k: jnp.asarray(v) for k, v in _inputs(BASE).items()}
+    perm = np.random.default_rng(1).permutation(H * W)
+
+    def permuted_gap(cfg: MMDiTConfig) -> float:
+        params = MMDiT(cfg).init(jax.random.key(0), *inputs.values())
+        logits = MMDiT(cfg).apply(params, *inputs.values())[0]
+        shuffled = dict(inputs, image_ids=inputs["image_ids"].reshape(B, -1)[:, perm]
+                        .reshape(B, H, W))
+        moved = MMDiT(cfg).apply(params, *shuffled.values())[0]
+        flat = logits.reshape(B, H * W, -1)[:, perm]
+        return float(jnp.abs(moved.reshape(B, H * W, -1) - flat).max())
+
+    assert permuted_gap(dataclasses.replace(plain, axes_dims_rope=(16, 0, 0))) < 1e-4
+    assert permuted_gap(plain) > 1e-3
+
+    c = C.base_config()
+    c.model.update(head_dim=16, rope_axes=(16, 0, 0))
+    assert C.model_config(c).mmdit.axes_dims_rope == (16, 0, 0)
+    c.model.rope_axes = ()
+    assert C.model_config(c).mmdit.axes_dims_rope == (4, 6, 6)
+    c.model.rope_axes = (4, 4, 4)
+    with pytest.raises(ValueError, match=r"model.rope_axes=\(4, 4, 4\).*head_dim=16"):
+        C.model_config(c)
+
+
+def test_rope_free_heads_option():
+    """``rope_free_heads=k`` leaves the last ``k`` heads unrotated: all heads free is the model
+    without spatial channels (same params, same output), one free head is neither that nor
+    the default; the key travels in the config dict only when set, is validated, and the port
+    refuses it (upstream rotates every head)."""
+    from muddit_jax.train import config as C
+
+    cos, sin = per_head_rope(*rope_cos_sin(rope_ids(2, 3, 3), (4, 6, 6)), heads=3, free=1)
+    full = rope_cos_sin(rope_ids(2, 3, 3), (4, 6, 6))
+    np.testing.assert_array_equal(cos[:, :2], np.stack([full[0]] * 2, 1))
+    np.testing.assert_array_equal(sin[:, :2], np.stack([full[1]] * 2, 1))
+    assert (cos[:, 2] == 1).all() and (sin[:, 2] == 0).all()
+
+    cfg = MMDiTConfig(**BASE)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    params = MMDiT(cfg).init(jax.random.key(0), *inputs)
+
+    def logits(c: MMDiTConfig) -> jax.Array:
+        return MMDiT(c).apply(params, *inputs)[0]
+
+    all_free = logits(dataclasses.replace(cfg, rope_free_heads=2))
+    no_spatial = logits(dataclasses.replace(cfg, axes_dims_rope=(16, 0, 0)))
+    one_free = logits(dataclasses.replace(cfg, rope_free_heads=1))
+    assert_close(all_free, no_spatial, 1e-5, "every head free = no spatial rotary channels")
+    assert float(jnp.abs(one_free - all_free).max()) > 1e-3
+    assert float(jnp.abs(one_free - logits(cfg)).max()) > 1e-3
+
+    one = dataclasses.replace(cfg, rope_free_heads=1)
+    assert "rope_free_heads" not in cfg.to_hf_config()
+    assert MMDiTConfig.from_hf_config(one.to_hf_config()) == one
+    with pytest.raises(ValueError, match="rope_free_heads=3"):
+        dataclasses.replace(cfg, rope_free_heads=3)
+    with pytest.raises(ValueError, match="only rope_free_heads=0 can be ported"):
+        key_map(one)
+    c = C.base_config()
+    c.model.rope_free_heads = 1
+    assert C.model_config(c).mmdit.rope_free_heads == 1
 
 
 def test_image_pos_embed_option():

@@ -126,13 +126,24 @@ def rope_cos_sin(
     )
 
 
+def per_head_rope(cos: np.ndarray, sin: np.ndarray, heads: int, free: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Tables ``[s, d]`` -> ``[s, heads, d]`` whose last ``free`` heads do not rotate."""
+    cos, sin = (np.repeat(a[:, None], heads, axis=1) for a in (cos, sin))
+    cos[:, heads - free:], sin[:, heads - free:] = 1.0, 0.0
+    return cos, sin
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x`` ``[b, s, h, d]`` by ``cos``/``sin`` ``[s, d]`` (in float32).
+    """Rotate ``x`` ``[b, s, h, d]`` by ``cos``/``sin`` ``[s, d]`` (every head alike) or
+    ``[s, h, d]`` (per head, :func:`per_head_rope`), in float32.
 
     Rotated pairs are adjacent channels ``(x[2i], x[2i+1])`` (diffusers ``use_real_unbind_dim=-1``).
     """
     xf = x.astype(jnp.float32)
     pairs = xf.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = xf * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    if cos.ndim == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    out = xf * cos[None] + rotated * sin[None]
     return out.astype(x.dtype)

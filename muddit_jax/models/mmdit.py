@@ -33,6 +33,7 @@ from muddit_jax.models.embeddings import (
     TimestepTextEmbedding,
     apply_rope,
     micro_cond_embedding,
+    per_head_rope,
     rope_cos_sin,
     rope_ids,
 )
@@ -58,6 +59,9 @@ class MMDiTConfig:
     leaves one usable frequency, whose period (2 pi) aliases positions 6 apart.
     ``image_pos_embed`` (not upstream either) adds a learned absolute position embedding to the
     image tokens, so their values, not only their attention scores, know where they are.
+    ``rope_free_heads`` (not upstream: 0) leaves the last that many heads of every block
+    unrotated: their scores compare content alone (a text query finds an image key wherever it
+    is), while the other heads keep Flux's relative positions (BENCHMARKS.md §1.20).
     ``resample_levels`` (not upstream: 1) stacks that many 2x ``downsample`` / ``upsample``
     levels, so the blocks see ``4^levels`` times fewer image tokens (level 0 keeps upstream's
     ``down_block`` / ``up_block`` names, deeper ones are ``down_block_1``, ...).
@@ -87,6 +91,7 @@ class MMDiTConfig:
     block_out_channels: int | None = None
     rope_theta: float = UPSTREAM_ROPE_THETA
     image_pos_embed: bool = False
+    rope_free_heads: int = 0
     resample_levels: int = 1
     conv_blocks: int = 0
     conv_kernel: int = 3
@@ -113,6 +118,9 @@ class MMDiTConfig:
         if self.conv_blocks < 0 or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_blocks={self.conv_blocks} must be >= 0 and conv_kernel="
                              f"{self.conv_kernel} odd and >= 1 (upstream: no conv blocks)")
+        if not 0 <= self.rope_free_heads <= self.num_attention_heads:
+            raise ValueError(f"rope_free_heads={self.rope_free_heads} must be in [0, "
+                             f"num_attention_heads={self.num_attention_heads}] (upstream: 0)")
         if not self.rope_theta > 1.0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (upstream: 10000)")
         if self.block_out_channels not in (None, self.inner_dim):
@@ -148,7 +156,8 @@ class MMDiTConfig:
             del d["rope_theta"]
         if not d["image_pos_embed"]:  # nor this one
             del d["image_pos_embed"]
-        for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3)):
+        for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
+                              ("rope_free_heads", 0)):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -577,10 +586,10 @@ class MMDiT(nn.Module):
                 (gh * gw, d), self.param_dtype)
             img = img + jnp.asarray(table, dt)[None]
 
-        cos, sin = (
-            jnp.asarray(a) for a in rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope,
-                                                  cfg.rope_theta)
-        )
+        cos, sin = rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
+        if cfg.rope_free_heads:
+            cos, sin = per_head_rope(cos, sin, cfg.num_attention_heads, cfg.rope_free_heads)
+        cos, sin = jnp.asarray(cos), jnp.asarray(sin)
         txt, img = nn.with_logical_constraint(txt, ACT), nn.with_logical_constraint(img, ACT)
         txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), temb, cos, sin)
         x = self._blocks(

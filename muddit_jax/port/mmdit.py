@@ -97,6 +97,9 @@ def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     if cfg.conv_blocks:
         raise ValueError(f"conv_blocks={cfg.conv_blocks}: upstream's layout has no ConvNeXt "
                          "blocks; only conv_blocks=0 can be ported")
+    if cfg.rope_free_heads:
+        raise ValueError(f"rope_free_heads={cfg.rope_free_heads}: upstream rotates every head; "
+                         "only rope_free_heads=0 can be ported")
     out: list[ParamMap] = []
     for sub in ("timestep_embedder", "text_embedder"):
         for lin in ("linear_1", "linear_2"):

@@ -57,6 +57,13 @@ def base_config() -> ml_collections.ConfigDict:
         code_init="random",
         rope_theta=10000.0,  # tiny only: RoPE base (upstream 10000; see MMDiTConfig.rope_theta)
         image_pos_embed=False,  # tiny only: learned absolute image position embedding
+        # tiny only: rotary channels per (text, row, column) axis, even, summing to head_dim;
+        # () = the preset's 1:3:3 split (Flux's). Axis 0 never rotates (every id is 0 there), so
+        # (head_dim, 0, 0) drops spatial RoPE (pair it with image_pos_embed; BENCHMARKS.md §1.20)
+        rope_axes=(),
+        # tiny only: the last this many heads of every block are not rotated (content-only
+        # scores; the others keep RoPE; BENCHMARKS.md §1.20)
+        rope_free_heads=0,
         resample_levels=1,  # tiny only: 2x down/up-sampling levels when downsample (upstream 1)
         # tiny only: ConvNeXt blocks on the code grid before down- / after up-sampling
         # (amused's UViT blocks; upstream Muddit has none) and their depthwise kernel size
@@ -217,6 +224,17 @@ def model_differences(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) ->
     return out
 
 
+def _rope_axes(m: ml_collections.ConfigDict, preset: tuple[int, ...]) -> tuple[int, ...]:
+    """``model.rope_axes``, checked against ``model.head_dim`` (``()`` = ``preset``)."""
+    axes = tuple(m.rope_axes) or preset
+    if (len(axes) != 3 or any(not isinstance(a, int) or a < 0 or a % 2 for a in axes)
+            or sum(axes) != m.head_dim):
+        raise ValueError(f"model.rope_axes={tuple(m.rope_axes)!r} must be 3 even ints >= 0 "
+                         f"summing to model.head_dim={m.head_dim} (text, row, column), e.g. "
+                         f"{preset}, or () for that default")
+    return axes
+
+
 def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     m = c.model
     if m.preset == "tiny":
@@ -238,6 +256,8 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 cfg.mmdit, num_layers=m.dual_layers, num_single_layers=m.single_layers,
                 downsample=bool(m.downsample), upsample=bool(m.downsample),
                 rope_theta=float(m.rope_theta), image_pos_embed=bool(m.image_pos_embed),
+                axes_dims_rope=_rope_axes(m, cfg.mmdit.axes_dims_rope),
+                rope_free_heads=int(m.rope_free_heads),
                 resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
                 conv_kernel=int(m.conv_kernel),
             ),
