@@ -46,7 +46,8 @@ def get_config(arg: str | None = None):
     # per batch: 16 T2I rows + 8 captioning rows (captions), 8 VQA rows (question kept visible)
     c.data.mixture = dict(
         captions=dict(weight=0.75, dataset="shapes", task="caption", options=shapes),
-        vqa=dict(weight=0.25, dataset="shapes", task="vqa", options=shapes),
+        # question_types=("exists",) would draw only those questions (() = every type)
+        vqa=dict(weight=0.25, dataset="shapes", task="vqa", options=shapes, question_types=()),
     )
     c.model.update(preset="tiny", text_vocab_size=256, codebook_size=256, width=64,
                    dual_layers=2, single_layers=4, text_layers=2, downsample=True,

@@ -162,6 +162,33 @@ def test_vqa_task_masks_only_the_answer(env):
         assert (question, answer) in pairs
 
 
+def test_vqa_question_types_draw_only_those_questions(env):
+    config, tok, source = env
+    records = [dict(source[i]) for i in range(8)]
+    for r in records[:4]:  # these four hold no exists question: skipped, counted
+        kinds = [t.decode() for t in r["vqa"]["question_type"]]
+        r["vqa"] = dict(r["vqa"], question_type=np.array(
+            [b"color" if k == "exists" else k.encode() for k in kinds], object))
+    cfg = dataclasses.replace(config, task="vqa", question_types=("exists",), num_epochs=1)
+    with pytest.warns(SkippedExamplesWarning):
+        with make_iterator(cfg, tok, process_index=0, process_count=1, source=records) as it:
+            batches = list(it)
+            assert it.get_state()["fingerprint"]["question_types"] == ["exists"]
+    assert [sorted(b["index"].tolist()) for b in batches] == [[4, 5, 6, 7]]
+    for row in range(4):
+        ids, valid = batches[0]["text_ids"][row], batches[0]["text_valid"][row]
+        prefix = int(np.argmax(batches[0]["text_maskable"][row]))
+        vqa = records[int(batches[0]["index"][row])]["vqa"]
+        exists = {(q.decode(), a.decode()) for q, a, t in zip(
+            vqa["question"], vqa["multiple_choice_answer"], vqa["question_type"])
+            if t == b"exists"}
+        pair = (tok.decode(ids[None, :prefix])[0], tok.decode(ids[None, prefix:valid.sum()])[0])
+        assert pair in exists
+    with make_iterator(dataclasses.replace(cfg, question_types=()), tok, process_index=0,
+                       process_count=1, source=records) as it:
+        assert "question_types" not in it.get_state()["fingerprint"]  # older states resume
+
+
 def test_random_crop_of_a_wide_image(env):
     config, tok, source = env
     rng = np.random.default_rng(0)
@@ -183,6 +210,8 @@ def test_config_errors_fail_fast(env, tmp_path):
     config, tok, _ = env
     with pytest.raises(ValueError, match="resolution"):
         DataConfig(resolution=36)
+    with pytest.raises(ValueError, match="question_types=.*task='vqa'"):
+        DataConfig(question_types=("exists",))  # a caption stream has no questions
     with pytest.raises(ValueError, match="process_count=3"):
         make_iterator(config, tok, process_index=0, process_count=3)
     with pytest.raises(ValueError, match="needs a tokenizer"):

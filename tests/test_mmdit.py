@@ -275,8 +275,10 @@ def test_config_round_trip_and_validation():
         MMDiTConfig.from_hf_config({**BASE, "not_a_key": 1})
     with pytest.raises(ValueError, match="pooled_projection_dim"):
         MMDiTConfig(**{**BASE, "pooled_projection_dim": 16})
-    with pytest.raises(ValueError, match="axes_dims_rope"):
-        dataclasses.replace(cfg, axes_dims_rope=(4, 6, 8))
+    # each sums wrong, is odd, negative or not one per rotary id axis (a ported config.json too)
+    for axes in [(4, 6, 8), (3, 7, 6), (20, -2, -2), (8, 8), (4, 4, 4, 4)]:
+        with pytest.raises(ValueError, match=r"axes_dims_rope .* 3 even ints >= 0"):
+            MMDiTConfig.from_hf_config({**BASE, "axes_dims_rope": list(axes)})
 
 
 def test_embeddings_match_diffusers():

@@ -58,6 +58,8 @@ class DataConfig:
     ``num_epochs=None`` repeats forever (training); a finite value ends the stream after the
     last whole global batch. ``prefetch`` counts examples (rounded up to whole host batches,
     at least two); prefetched images stay ``uint8`` until a batch is stacked.
+    ``question_types`` (VQA only): each row draws its question among the record's questions of
+    these ``question_type`` s (``()`` = all); a record with none of them is skipped.
     """
 
     dataset: str = "shapes"
@@ -73,6 +75,7 @@ class DataConfig:
     num_epochs: int | None = None
     random_crop: bool = False
     aesthetic_score: float = DEFAULT_AESTHETIC
+    question_types: tuple[str, ...] = ()
     resolution_multiple: int = 8
     build: bool = True
     read_threads: int = 4
@@ -93,6 +96,11 @@ class DataConfig:
             problems.append(f"global_batch_size={self.global_batch_size} must be >= 1")
         if self.task not in TASKS:
             problems.append(f"task={self.task!r} is not one of {TASKS}")
+        object.__setattr__(self, "question_types", tuple(self.question_types))
+        if self.question_types and (self.task != "vqa" or not all(
+                isinstance(t, str) and t for t in self.question_types)):
+            problems.append(f"question_types={self.question_types!r} must be () or names of "
+                            "question types (e.g. ('exists', 'relation')), with task='vqa'")
         if self.num_epochs is not None and self.num_epochs < 1:
             problems.append(f"num_epochs={self.num_epochs} must be None (forever) or >= 1")
         problems += [f"{f}={getattr(self, f)!r} must be an int >= 0" for f in THROUGHPUT_FIELDS
@@ -299,7 +307,8 @@ def make_iterator(config: DataConfig | Mapping[str, Any],
     if tokenizer is None and (config.task == "vqa" or not pretokenized):
         raise ValueError(f"dataset {config.dataset!r} with task={config.task!r} needs a tokenizer")
     preprocess = Preprocessor(config.resolution, config.text_length, tokenizer, config.task,
-                              config.seed, config.random_crop, config.aesthetic_score)
+                              config.seed, config.random_crop, config.aesthetic_score,
+                              config.question_types)
     if source is None:
         source = registry.data_source(config.dataset, config.split, config.data_dir,
                                       build=config.build, fields=preprocess.fields(pretokenized),
@@ -324,6 +333,8 @@ def make_iterator(config: DataConfig | Mapping[str, Any],
         "text_length": config.text_length, "task": config.task,
         "random_crop": config.random_crop, "global_batch_size": big, "rows": [start, stop],
     }
+    if config.question_types:  # absent when unset, so states saved before the field resume
+        fingerprint["question_types"] = list(config.question_types)
     return DataIterator(config, blocks, fingerprint)
 
 

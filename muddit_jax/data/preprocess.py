@@ -95,6 +95,7 @@ class Preprocessor:
     seed: int = 0
     random_crop: bool = False
     aesthetic_score: float = DEFAULT_AESTHETIC
+    question_types: tuple[str, ...] = ()  # VQA: draw only these ``question_type`` s (() = all)
 
     def fields(self, pretokenized: bool) -> tuple[str, ...]:
         """The record fields this preprocessor reads."""
@@ -129,7 +130,13 @@ class Preprocessor:
             vqa = record["vqa"]
             if not len(vqa["question"]):
                 return "no_question"
-            q = int(rng.integers(len(vqa["question"])))
+            choices = np.arange(len(vqa["question"]))
+            if self.question_types:
+                kinds = [as_str(t) for t in vqa["question_type"]]
+                choices = choices[[k in self.question_types for k in kinds]]
+                if not len(choices):
+                    return "no_question_of_type"
+            q = int(choices[rng.integers(len(choices))])
             answer = as_str(vqa["multiple_choice_answer"][q]).strip()
             if not answer:
                 return "empty_answer"

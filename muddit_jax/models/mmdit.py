@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,13 @@ ACT = ("act_batch", "act_len", "act_embed")
 NORM_EPS = 1e-6
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
 UPSTREAM_ROPE_THETA = 10000.0
+
+
+def rope_axes_ok(axes: Sequence[Any], head_dim: int) -> bool:
+    """Whether ``axes`` splits a head of ``head_dim`` channels over the 3 rotary id axes
+    (text, row, column: :func:`rope_ids`): even non-negative ints summing to ``head_dim``."""
+    return (len(axes) == 3 and sum(axes) == head_dim
+            and all(isinstance(a, (int, np.integer)) and a >= 0 and a % 2 == 0 for a in axes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +104,12 @@ class MMDiTConfig:
     conv_kernel: int = 3
 
     def __post_init__(self):
-        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
-        if sum(self.axes_dims_rope) != self.attention_head_dim or any(
-            a % 2 for a in self.axes_dims_rope
-        ):
+        if not rope_axes_ok(self.axes_dims_rope, self.attention_head_dim):
             raise ValueError(
-                f"axes_dims_rope {self.axes_dims_rope} must be even and sum to attention_head_dim "
-                f"{self.attention_head_dim}"
+                f"axes_dims_rope {tuple(self.axes_dims_rope)} must be 3 even ints >= 0 (text, "
+                f"row, column) summing to attention_head_dim {self.attention_head_dim}"
             )
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
         if self.pooled_projection_dim != self.inner_dim:
             raise ValueError(
                 f"pooled_projection_dim ({self.pooled_projection_dim}) must equal "

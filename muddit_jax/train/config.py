@@ -22,6 +22,7 @@ import ml_collections
 from muddit_jax.diffusion.loss import LossConfig
 from muddit_jax.diffusion.sampler import CONFIDENCE_TEMPERATURE
 from muddit_jax.models import presets
+from muddit_jax.models.mmdit import rope_axes_ok
 from muddit_jax.models.muddit import MudditConfig
 from muddit_jax.models.text_encoder import CLIPTextConfig
 from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK
@@ -227,8 +228,7 @@ def model_differences(c: ml_collections.ConfigDict, saved: Mapping[str, Any]) ->
 def _rope_axes(m: ml_collections.ConfigDict, preset: tuple[int, ...]) -> tuple[int, ...]:
     """``model.rope_axes``, checked against ``model.head_dim`` (``()`` = ``preset``)."""
     axes = tuple(m.rope_axes) or preset
-    if (len(axes) != 3 or any(not isinstance(a, int) or a < 0 or a % 2 for a in axes)
-            or sum(axes) != m.head_dim):
+    if not rope_axes_ok(axes, m.head_dim):
         raise ValueError(f"model.rope_axes={tuple(m.rope_axes)!r} must be 3 even ints >= 0 "
                          f"summing to model.head_dim={m.head_dim} (text, row, column), e.g. "
                          f"{preset}, or () for that default")
