@@ -67,10 +67,16 @@ def test_every_shapes_option_is_overridable_and_reaches_every_reader(tmp_path) -
     assert set(load("shapes_tiny").data.options) == {
         f.name for f in dataclasses.fields(ShapesConfig)}
     fv = parse("muddit-train", [f"--config={CONFIGS}/shapes_tiny.py", f"--workdir={tmp_path}",
-                                "--config.data.options.num_train=64"])
+                                "--config.data.options.num_train=64",
+                                "--config.data.mixture.vqa.question_types=('exists',)"])
     c = fv.config
     for options in (c.data.options, c.data.mixture.captions.options, c.data.mixture.vqa.options):
         assert ShapesConfig(**options).num_train == 64
+    from muddit_jax.train.data import mixture_config  # the README's question_types override
+
+    sources = mixture_config(c, 2).sources
+    assert [(s.name, s.config.question_types) for s in sources] == [
+        ("captions", ()), ("vqa", ("exists",))]
 
 
 @pytest.mark.parametrize("name", ["muddit_512", "meissonic_1024"])
