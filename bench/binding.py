@@ -22,7 +22,13 @@ embedding; no adaLN, RoPE or QK norm) on ``bind`` with the same data and optimiz
 ``bind`` is what the shapes run fails at (``is there a red circle?``, colour attribution), see
 BENCHMARKS.md §1.2.
 
-``python -m bench.binding [--smoke] [--steps N] [--grid G] [--json PATH]``
+``--bridge`` instead trains that last ``bind`` row (``count``, no spatial channels) on the
+original toy and then with one step toward the shapes run at a time (:class:`Toy`: objects
+several codes wide, with the MM-DiT's down-sampling on a twice finer grid, several code ids per
+colour, 32 text positions with and without the padding as targets, the shapes depth), to find
+which of them holds ``bind`` back (BENCHMARKS.md §1.21).
+
+``python -m bench.binding [--smoke] [--bridge] [--steps N] [--grid G] [--seed S] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -50,38 +56,77 @@ ANSWER = 3  # text = <bos> question colour-word answer <eos>
 UPSTREAM_FLOOR = LossConfig.ratio_floor  # Muddit / Meissonic clamp r at 1e-3 in the 1/r weight
 
 
-def make_batch(task: str, grid: int, rng: np.random.Generator) -> dict[str, jax.Array]:
-    """One batch of ``task``: images with two coloured tokens, question, answer."""
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    """The toy's data and model. The defaults are the toy above; each other value is one step
+    toward the shapes run (``--bridge``)."""
+
+    objects: int = 1  # object side in codes (shapes: 5-8 codes on a 16 x 16 grid)
+    codes: int = 1  # code ids per colour, drawn per token (shapes: codes carry context)
+    length: int = LENGTH  # text positions (shapes: 32)
+    pad_targets: bool = False  # padding after the answer is masked and scored (shapes' default)
+    downsample: bool = False  # the MM-DiT's 2x down/up-sampling (shapes' default)
+    deep: bool = False  # 2 + 4 MM-DiT blocks and a 2-layer text encoder (shapes' default)
+
+    @property
+    def codebook(self) -> int:
+        return COLOURS * self.codes + 1
+
+
+def make_batch(task: str, grid: int, rng: np.random.Generator, toy: Toy = Toy()
+               ) -> dict[str, jax.Array]:
+    """One batch of ``task``: images with two coloured objects, question, answer."""
     asked = np.zeros(BATCH, np.int64) if task == "image" else rng.integers(0, COLOURS, BATCH)
     present = rng.integers(0, 2, BATCH).astype(bool)
-    image = np.zeros((BATCH, grid * grid), np.int64)
+    image = np.zeros((BATCH, grid, grid), np.int64)
     for i in range(BATCH):
         colours = rng.choice([c for c in range(COLOURS) if c != asked[i]], 2, replace=False)
         if present[i]:
             colours[0] = asked[i]
-        image[i, rng.choice(grid * grid, 2, replace=False)] = colours + 1
+        for colour, (y, x) in zip(colours, _places(grid, toy.objects, rng)):
+            side = (toy.objects, toy.objects)
+            ids = colour + 1 if toy.codes == 1 else 1 + colour * toy.codes + rng.integers(
+                0, toy.codes, side)
+            image[i, y:y + toy.objects, x:x + toy.objects] = ids
     answer = COPY_WORD + asked if task == "copy" else np.where(present, YES, NO)
-    text = np.zeros((BATCH, LENGTH), np.int64)
+    text = np.zeros((BATCH, toy.length), np.int64)
     text[:, :5] = np.stack([np.full(BATCH, BOS), np.full(BATCH, QUESTION), COLOUR_WORD + asked,
                             answer, np.full(BATCH, EOS)], 1)
-    maskable = np.zeros((BATCH, LENGTH), bool)
-    maskable[:, ANSWER:ANSWER + 2] = True
-    return dict(image_ids=jnp.asarray(image.reshape(BATCH, grid, grid), jnp.int32),
+    maskable = np.zeros((BATCH, toy.length), bool)
+    maskable[:, ANSWER:None if toy.pad_targets else ANSWER + 2] = True
+    return dict(image_ids=jnp.asarray(image, jnp.int32),
                 text_ids=jnp.asarray(text, jnp.int32), text_valid=jnp.asarray(text != 0),
                 text_maskable=jnp.asarray(maskable), micro_conds=jnp.full((BATCH, 5), 16.0))
 
 
+def _places(grid: int, side: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Top-left corners of two non-overlapping ``side``-square objects."""
+    if grid < 2 * side:
+        raise ValueError(f"two objects of {side} x {side} codes do not fit a {grid} x {grid} "
+                         "grid side by side; raise the grid or lower Toy.objects")
+    if side == 1:
+        return [divmod(int(k), grid) for k in rng.choice(grid * grid, 2, replace=False)]
+    while True:
+        (y0, x0), (y1, x1) = rng.integers(0, grid - side + 1, (2, 2))
+        if abs(y0 - y1) >= side or abs(x0 - x1) >= side:
+            return [(y0, x0), (y1, x1)]
+
+
 def blank_answer(batch: dict) -> jax.Array:
-    """The batch's text with the answer region (answer + eos) masked: what both models see."""
-    return batch["text_ids"].at[:, ANSWER:ANSWER + 2].set(MASK)
+    """The batch's text with the answer region (answer + eos, and the padding when it is a
+    target) masked: what both models see."""
+    return jnp.where(batch["text_maskable"], MASK, batch["text_ids"])
 
 
-def model(width: int, spatial_rope: bool = True) -> Muddit:
-    """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder); without
-    ``spatial_rope`` every rotary channel sits on the (always zero) first axis."""
-    cfg = MudditConfig.tiny(VOCAB, codebook_size=COLOURS + 1, width=width)
-    text = dataclasses.replace(cfg.text, num_hidden_layers=1, max_position_embeddings=LENGTH)
-    mmdit = cfg.mmdit
+def model(width: int, spatial_rope: bool = True, toy: Toy = Toy()) -> Muddit:
+    """The tiny preset at ``width`` (2 + 2 MM-DiT blocks, a 1-layer text encoder, unless
+    ``toy.deep``); without ``spatial_rope`` every rotary channel sits on the (always zero)
+    first axis."""
+    cfg = MudditConfig.tiny(VOCAB, codebook_size=toy.codebook, width=width)
+    text = dataclasses.replace(cfg.text, num_hidden_layers=2 if toy.deep else 1,
+                               max_position_embeddings=toy.length)
+    mmdit = dataclasses.replace(cfg.mmdit, downsample=toy.downsample, upsample=toy.downsample,
+                                num_single_layers=4 if toy.deep else 2)
     if not spatial_rope:
         mmdit = dataclasses.replace(mmdit, axes_dims_rope=(mmdit.attention_head_dim, 0, 0))
     return Muddit(dataclasses.replace(cfg, text=text, mmdit=mmdit))
@@ -89,15 +134,16 @@ def model(width: int, spatial_rope: bool = True) -> Muddit:
 
 def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
                ratio_floor: float = UPSTREAM_FLOOR, weighting: str = "muddit",
-               spatial_rope: bool = True, seed: int = 0) -> Row:
+               spatial_rope: bool = True, seed: int = 0, toy: Toy = Toy()) -> Row:
     """Train a fresh model on ``task`` for ``steps`` (loss weight ``1 / max(r, ratio_floor)``,
     or the realised ``n / k`` for ``weighting="count"``) and score its answers on held-out
     batches."""
-    net, rng = model(width, spatial_rope), np.random.default_rng(seed)
-    config = LossConfig(image_mask_id=COLOURS + 1, text_mask_id=MASK, t2i_fraction=0.0,
-                        empty_text_ids=(BOS, EOS) + (0,) * (LENGTH - 2), cond_dropout=0.0,
-                        ratio_floor=ratio_floor, weighting=weighting)
-    probe = make_batch(task, grid, rng)
+    net, rng = model(width, spatial_rope, toy), np.random.default_rng(seed)
+    config = LossConfig(image_mask_id=toy.codebook, text_mask_id=MASK, t2i_fraction=0.0,
+                        empty_text_ids=(BOS, EOS) + (0,) * (toy.length - 2), cond_dropout=0.0,
+                        ratio_floor=ratio_floor, weighting=weighting,
+                        text_pad_is_target=toy.pad_targets)
+    probe = make_batch(task, grid, rng, toy)
     params = net.init(jax.random.key(seed), probe["image_ids"], probe["text_ids"],
                       jnp.ones((BATCH,)), probe["micro_conds"])["params"]
     tx = optax.adam(lr)
@@ -120,10 +166,11 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
 
     opt, start = tx.init(params), time.perf_counter()
     for i in range(steps):
-        params, opt = step(params, opt, make_batch(task, grid, rng), jax.random.key(i))
-    accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid)
+        params, opt = step(params, opt, make_batch(task, grid, rng, toy), jax.random.key(i))
+    accuracy = held_out_accuracy(lambda b: correct(params, b), task, grid, toy)
     return dict(task=task, weighting=weighting, ratio_floor=ratio_floor,
-                spatial_rope=spatial_rope, steps=steps, grid=grid, width=width, lr=lr,
+                spatial_rope=spatial_rope, toy=_changed(toy), steps=steps, grid=grid,
+                width=width, lr=lr,
                 chance=1 / COLOURS if task == "copy" else 0.5,
                 accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
@@ -178,15 +225,29 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
         params, opt = step(params, opt, make_batch("bind", grid, rng))
     accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
     return dict(task="bind (plain transformer baseline)", weighting=None, ratio_floor=None,
-                spatial_rope=None, steps=steps, grid=grid, width=width, lr=lr, chance=0.5,
+                spatial_rope=None, toy=None, steps=steps, grid=grid, width=width, lr=lr, chance=0.5,
                 accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
 
-def held_out_accuracy(correct: Any, task: str, grid: int) -> float:
+def _changed(toy: Toy) -> str:
+    """The toy's fields that differ from the original toy, e.g. ``"pad_targets=True"``."""
+    return ", ".join(f"{f.name}={getattr(toy, f.name)}" for f in dataclasses.fields(toy)
+                     if getattr(toy, f.name) != f.default) or "original"
+
+
+def held_out_accuracy(correct: Any, task: str, grid: int, toy: Toy = Toy()) -> float:
     """Answer accuracy over 8 held-out batches of ``task`` (fixed seeds); ``correct(batch)``
     counts the right answers of one batch."""
-    batches = [make_batch(task, grid, np.random.default_rng(10_000 + i)) for i in range(8)]
+    batches = [make_batch(task, grid, np.random.default_rng(10_000 + i), toy)
+               for i in range(8)]
     return sum(int(correct(b)) for b in batches) / (8 * BATCH)
+
+
+# (toy, grid multiplier): each a single step from the original toy toward the shapes run;
+# down-sampling doubles the code grid so that the blocks still see the same tokens
+BRIDGE = ((Toy(), 1), (Toy(objects=3), 1), (Toy(objects=6, downsample=True), 2),
+          (Toy(codes=8), 1), (Toy(length=32), 1), (Toy(length=32, pad_targets=True), 1),
+          (Toy(deep=True), 1))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -198,9 +259,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ratio-floor", type=float, default=0.2,
                    help="the floor of r in the 1/r loss weight of the extra bind row "
                         f"(the other rows use upstream's {UPSTREAM_FLOOR})")
+    p.add_argument("--bridge", action="store_true",
+                   help="instead: the count-weight bind row without spatial rotary channels, on "
+                        "the original toy and with each single step toward the shapes run")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     steps, width = (5, 32) if args.smoke else (args.steps, args.width)
-    kw = dict(steps=steps, grid=args.grid, width=width, lr=args.lr)
+    kw = dict(steps=steps, grid=args.grid, width=width, lr=args.lr, seed=args.seed)
+    if args.bridge:
+        rows = [train_task("bind", weighting="count", spatial_rope=False, toy=toy,
+                           **{**kw, "grid": args.grid * scale}) for toy, scale in BRIDGE]
+        return common.finish("binding", args, {"bind, one step toward shapes": (rows, None)})
     rows = [train_task(t, **kw) for t in TASKS]
     rows.append(train_task("bind", ratio_floor=args.ratio_floor, **kw))
     rows.append(train_task("bind", weighting="count", **kw))

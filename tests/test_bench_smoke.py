@@ -130,6 +130,7 @@ def test_binding(tmp_path):
     assert [r["ratio_floor"] for r in rows] == [1e-3, 1e-3, 1e-3, 0.2, 1e-3, 1e-3, None]
     assert [r["weighting"] for r in rows] == ["muddit"] * 4 + ["count", "count", None]
     assert [r["spatial_rope"] for r in rows] == [True] * 5 + [False, None]
+    assert [r["toy"] for r in rows] == ["original"] * 6 + [None]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["steps"] == 5 for r in rows)
     assert [r["chance"] for r in rows] == [1 / 8] + [0.5] * 6
 
@@ -154,6 +155,47 @@ def test_binding_batches_pose_the_three_tasks():
             np.testing.assert_array_equal(text[:, b.ANSWER] == b.YES, present)
             assert 0 < present.mean() < 1
         assert (asked == 0).all() == (task == "image")
+
+
+def test_binding_bridge_batches_keep_the_ground_truth():
+    """Each step toward shapes (objects of k x k codes, several ids per colour, answer padding
+    as targets) keeps ``bind``'s answer: yes exactly when an object has the asked colour."""
+    import numpy as np
+
+    from bench import binding as b
+
+    rng = np.random.default_rng(0)
+    toy = b.Toy(objects=3, codes=4, length=12, pad_targets=True)
+    batch = {k: np.asarray(v) for k, v in b.make_batch("bind", 10, rng, toy).items()}
+    text, image = batch["text_ids"], batch["image_ids"].reshape(b.BATCH, -1)
+    asked = text[:, 2] - b.COLOUR_WORD
+    colour = np.where(image > 0, (image - 1) // toy.codes, -1)
+    assert ((image > 0).sum(1) == 2 * 9).all() and image.max() < toy.codebook
+    assert len(np.unique(image[image > 0])) > b.COLOURS  # several ids per colour
+    with pytest.raises(ValueError, match="Toy.objects"):
+        b.make_batch("bind", 5, rng, toy)
+    present = (colour == asked[:, None]).any(1)
+    np.testing.assert_array_equal(text[:, b.ANSWER] == b.YES, present)
+    assert batch["text_maskable"][:, b.ANSWER:].all() and not batch["text_maskable"][:, :3].any()
+    blank = np.asarray(b.blank_answer(batch))
+    assert (blank[:, b.ANSWER:] == b.MASK).all() and (blank[:, :3] == text[:, :3]).all()
+
+def test_binding_bridge(tmp_path, monkeypatch):
+    """``--bridge`` trains the count / no-spatial-RoPE ``bind`` row once per toy; one toy with
+    every step toward shapes at once (one compile) stands in for the seven."""
+    from bench import binding
+
+    assert [binding._changed(t) for t, _ in binding.BRIDGE] == [
+        "original", "objects=3", "objects=6, downsample=True", "codes=8", "length=32",
+        "length=32, pad_targets=True", "deep=True"]
+    assert [scale for _, scale in binding.BRIDGE] == [1, 1, 2, 1, 1, 1, 1]
+    every = binding.Toy(objects=2, codes=2, length=12, pad_targets=True, downsample=True,
+                        deep=True)
+    monkeypatch.setattr(binding, "BRIDGE", ((every, 2),))
+    (row,) = _rows(_run(binding, tmp_path, "--bridge", "--grid", "3"))
+    assert row["grid"] == 6 and row["toy"] == binding._changed(every)
+    assert row["task"] == "bind" and row["weighting"] == "count" and not row["spatial_rope"]
+    assert 0.0 <= row["accuracy"] <= 1.0
 
 
 def test_code_probe(tmp_path):
