@@ -3,12 +3,15 @@
 For the questions of the first ``n`` ``shapes`` scenes of a split, the answer region (answer,
 eos, padding) is masked as at the first decoding step (``t = 1``) and the answer tokens are
 scored twice: with the question's own image and with another scene's image (the images rolled
-by one). ``acc``: every answer token is the argmax; ``ce``: the answer tokens' summed
-cross-entropy; ``image_effect`` = ``ce_other_image - ce`` (nats). A question type whose
-``acc_other_image`` matches ``acc`` is answered from the question text alone: on a memorised run
-that is recall of the training questions, not reading (BENCHMARKS.md §1.13).
+by one). ``--padding visible`` leaves the padding unmasked, as a run trained with
+``loss.text_pad_is_target=False`` saw it. ``acc``: every answer token is the argmax; ``ce``:
+the answer tokens' summed cross-entropy; ``image_effect`` = ``ce_other_image - ce`` (nats). A
+question type whose ``acc_other_image`` matches ``acc`` is answered from the question text
+alone: on a memorised run that is recall of the training questions, not reading (BENCHMARKS.md
+§1.13).
 
-``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]``
+``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]
+[--padding masked|visible]``
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ from bench import common, shapes_run
 from muddit_jax.data import shapes
 from muddit_jax.data.text import encode_vqa
 
+PADDING = ("masked", "visible")
+
 
 def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: int
-                  ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray]:
+                  ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, np.ndarray,
+                             np.ndarray]:
     """``(scene index [q], question types, text ids [q, L], answer region [q, L], answer
-    tokens [q, L])`` of every question of ``examples`` that leaves room for an answer; the
-    answer region (answer, eos, padding) is what the sampler masks, the answer tokens are
-    scored."""
-    scene, kinds, ids, region, answer = [], [], [], [], []
+    tokens [q, L], padding [q, L])`` of every question of ``examples`` that leaves room for an
+    answer; the answer region (answer, eos, padding) is what the sampler masks, the answer
+    tokens are scored."""
+    scene, kinds, ids, region, answer, padding = [], [], [], [], [], []
     for i, example in enumerate(examples):
         for qa in example.qa:
             enc = encode_vqa(tokenizer, qa.question, qa.answer, length)
@@ -44,19 +50,27 @@ def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: 
             ids.append(text_ids)
             region.append(maskable)
             answer.append(maskable & valid & (text_ids != tokenizer.eos_id))
-    return np.asarray(scene), kinds, np.stack(ids), np.stack(region), np.stack(answer)
+            padding.append(maskable & ~valid)
+    return (np.asarray(scene), kinds, np.stack(ids), np.stack(region), np.stack(answer),
+            np.stack(padding))
 
 
-def measure(workdir: Path, n: int, split: str, shift: int = 1) -> list[dict[str, Any]]:
+def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "masked"
+            ) -> list[dict[str, Any]]:
     """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
-    images are rolled for the other-image score (0 scores the own image twice)."""
+    images are rolled for the other-image score (0 scores the own image twice); ``padding``:
+    ``masked`` (as the sampler starts) or ``visible``."""
+    if padding not in PADDING:
+        raise ValueError(f"padding={padding!r}: use one of {PADDING}")
     _, pipe, options = shapes_run.load(workdir, "the questions")
     if pipe.config.mmdit.tokenizer_vocab_size is None:
         raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
     tok = pipe.tokenizer
     examples = [shapes.generate(options, split, i) for i in range(n)]
-    scene, kinds, ids, region, answer = question_rows(examples, tok, pipe.text_length)
+    scene, kinds, ids, region, answer, pads = question_rows(examples, tok, pipe.text_length)
     codes = shapes_run.scene_codes(pipe, examples)
+    if padding == "visible":
+        region = region & ~pads
     masked = np.where(region, tok.mask_id, ids)  # as the sampler starts the answer
     (model, nets), q = shapes_run.generator(pipe), len(ids)
 
@@ -94,10 +108,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--workdir", type=Path, required=True, help="a trained run on 'shapes'")
     p.add_argument("--scenes", type=int, default=128, help="scenes whose questions are scored")
     p.add_argument("--split", default="test")
+    p.add_argument("--padding", choices=PADDING, default="masked",
+                   help="the padding after the answer: masked as the sampler starts, or visible")
     args = p.parse_args(argv)
     if args.scenes < 2:
         p.error(f"--scenes {args.scenes}: need at least 2 (the other image is another scene's)")
-    rows = measure(args.workdir, 8 if args.smoke else args.scenes, args.split)
+    rows = measure(args.workdir, 8 if args.smoke else args.scenes, args.split,
+                   padding=args.padding)
     return common.finish("image_effect", args, {f"answers on {args.split}, own vs other image":
                                                 (rows, None)})
 

@@ -182,6 +182,9 @@ def test_image_effect_reads_the_run(run, tmp_path) -> None:
         assert r["image_effect"] == pytest.approx(r["ce_other_image"] - r["ce"], abs=2e-3)
     same = image_effect.measure(workdir, 4, "test", shift=0)
     assert all(r["acc"] == r["acc_other_image"] and r["image_effect"] == 0 for r in same)
+    visible = image_effect.measure(workdir, 4, "test", shift=0, padding="visible")
+    assert [r["questions"] for r in visible] == [r["questions"] for r in same]
+    assert any(r["ce"] != s["ce"] for r, s in zip(visible, same))  # the padding is an input
     with pytest.raises(SystemExit):
         image_effect.main(["--workdir", str(workdir), "--scenes", "1"])
 
