@@ -84,9 +84,8 @@ def make_batch(task: str, grid: int, rng: np.random.Generator, toy: Toy = Toy()
         if present[i]:
             colours[0] = asked[i]
         for colour, (y, x) in zip(colours, _places(grid, toy.objects, rng)):
-            side = (toy.objects, toy.objects)
             ids = colour + 1 if toy.codes == 1 else 1 + colour * toy.codes + rng.integers(
-                0, toy.codes, side)
+                0, toy.codes, (toy.objects, toy.objects))
             image[i, y:y + toy.objects, x:x + toy.objects] = ids
     answer = COPY_WORD + asked if task == "copy" else np.where(present, YES, NO)
     text = np.zeros((BATCH, toy.length), np.int64)
@@ -225,8 +224,8 @@ def train_baseline(*, steps: int, grid: int, width: int, lr: float, seed: int = 
         params, opt = step(params, opt, make_batch("bind", grid, rng))
     accuracy = held_out_accuracy(lambda b: correct(params, b), "bind", grid)
     return dict(task="bind (plain transformer baseline)", weighting=None, ratio_floor=None,
-                spatial_rope=None, toy=None, steps=steps, grid=grid, width=width, lr=lr, chance=0.5,
-                accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
+                spatial_rope=None, toy=None, steps=steps, grid=grid, width=width, lr=lr,
+                chance=0.5, accuracy=accuracy, train_s_with_compile=time.perf_counter() - start)
 
 
 def _changed(toy: Toy) -> str:
