@@ -208,12 +208,14 @@ class MudditPipeline:
 
     def caption(
         self, images: Any, *, steps: int = 16, seed: Seed = 0, postprocess: bool = True,
-        sampling: str = "multinomial",
+        sampling: str = "multinomial", max_tokens: int | None = None,
     ) -> list[str]:
         """Images ``[b, H, W, 3]`` (uint8, or float in [0, 1]) -> captions. ``sampling``: how a
-        masked token's candidate is drawn, ``"multinomial"`` (upstream) or ``"argmax"``."""
+        masked token's candidate is drawn, ``"multinomial"`` (upstream) or ``"argmax"``;
+        ``max_tokens``: see :meth:`text_tokens`."""
         n = len(_check_images(images, self.image_size))
-        return self._image_to_text(images, [""] * n, steps, seed, postprocess, sampling)
+        return self._image_to_text(images, [""] * n, steps, seed, postprocess, sampling,
+                                   max_tokens)
 
     def answer(
         self,
@@ -224,14 +226,16 @@ class MudditPipeline:
         seed: Seed = 0,
         postprocess: bool = True,
         sampling: str = "multinomial",
+        max_tokens: int | None = None,
     ) -> list[str]:
         """VQA: the ``<bos> question`` prefix stays fixed, the rest is decoded (``sampling`` as
-        in :meth:`caption`)."""
+        in :meth:`caption`, ``max_tokens`` as in :meth:`text_tokens`)."""
         questions = _check_texts(questions, "questions")
         n = len(_check_images(images, self.image_size))
         if len(questions) != n:
             raise ValueError(f"got {n} images but {len(questions)} questions; pass one per image")
-        return self._image_to_text(images, questions, steps, seed, postprocess, sampling)
+        return self._image_to_text(images, questions, steps, seed, postprocess, sampling,
+                                   max_tokens)
 
     # -----------------------------------------------------------------------------------------
     # internals
@@ -242,10 +246,10 @@ class MudditPipeline:
 
     def _image_to_text(
         self, images: Any, questions: Sequence[str], steps: int, seed: Seed, postprocess: bool,
-        sampling: str,
+        sampling: str, max_tokens: int | None,
     ) -> list[str]:
         tokens, prefix = self.text_tokens(images, questions, steps=steps, seed=seed,
-                                          sampling=sampling)
+                                          sampling=sampling, max_tokens=max_tokens)
         eos, texts = self.tokenizer.eos_id, []
         for row, start in zip(tokens, prefix):
             gen = row[start:].tolist()
@@ -256,10 +260,20 @@ class MudditPipeline:
 
     def text_tokens(
         self, images: Any, questions: Sequence[str], *, steps: int = 16, seed: Seed = 0,
-        sampling: str = "multinomial",
+        sampling: str = "multinomial", max_tokens: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """I2T/VQA decoding: ``(tokens [b, text_length], prefix_len [b])``; ``tokens[:, :prefix]``
-        is ``<bos> question`` unchanged, the rest is generated."""
+        is ``<bos> question`` unchanged, the rest is generated.
+
+        ``max_tokens``: decode only the first ``max_tokens`` positions after the prefix (the
+        answer and its eos); the positions after them stay padding, shown to the model. ``None``
+        decodes to ``text_length``, as upstream, which suits a model trained with the padding
+        among its targets (``loss.text_pad_is_target=True``). A model trained without them
+        never saw masked padding and runs on to the text length; a bound on the answer's length
+        shows it the padding as in training (BENCHMARKS §1.22)."""
+        if max_tokens is not None and int(max_tokens) < 1:
+            raise ValueError(f"max_tokens={max_tokens}: use None (decode to the text length) "
+                             "or at least 1 (the answer and its eos)")
         pixels = _check_images(images, self.image_size)
         tok = self.tokenizer
         ids = tok.encode(list(questions), self.text_length)
@@ -269,7 +283,10 @@ class MudditPipeline:
                 f"a question fills (nearly) all {self.text_length} text positions, leaving no room "
                 "for the answer; shorten it or raise text_length"
             )
-        fixed = np.arange(self.text_length)[None, :] < prefix[:, None]
+        pos = np.arange(self.text_length)[None, :]
+        fixed = pos < prefix[:, None]
+        if max_tokens is not None:  # the padding after the bound stays (ids are padded)
+            fixed |= pos >= prefix[:, None] + int(max_tokens)
         # only ids the tokenizer can decode (the model's text vocab may be larger)
         cfg = SamplerConfig(num_steps=_check_steps(steps), mask_id=tok.mask_id,
                             vocab_limit=tok.vocab_size, timestep_mode=self.timestep_mode,

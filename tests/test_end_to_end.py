@@ -120,7 +120,10 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     assert text == {"sampling": "multinomial"}  # the run's eval.text_sampling
     _, text = sample_cli.load_pipeline(sample_cli.parse_args(image_args + ["--sampling", "argmax"]))
     assert text == {"sampling": "argmax"}
+    _, text = sample_cli.load_pipeline(sample_cli.parse_args(image_args + ["--max-tokens", "3"]))
+    assert text == {"sampling": "multinomial", "max_tokens": 3}
     for bad, fragment in [(["--sampling", "top_k"], "apply to text-to-image"),
+                          (["--max-tokens", "0"], "needs a value >= 1"),
                           (["--top-k", "2"], "apply to text-to-image"),
                           (["--guidance-schedule", "decay"], "applies to text-to-image")]:
         with pytest.raises(SystemExit):
@@ -132,6 +135,9 @@ def test_sample_and_eval_clis_read_the_run(run, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         sample_cli.main(["--workdir", str(workdir), "--image", str(out), "--temperature", "0", "0"])
     assert "--temperature applies to text-to-image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sample_cli.parse_args(base + ["--max-tokens", "2"])
+    assert "--max-tokens applies to captions" in capsys.readouterr().err
 
 
 def test_code_probe_reads_the_run(run, tmp_path) -> None:

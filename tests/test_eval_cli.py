@@ -103,7 +103,8 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
                                           "top_k": 0, "guidance_schedule": "constant",
                                           "guidance_plausibility": 0.0}
     assert settings("caption")["options"] == {"timestep_mode": "pipeline",
-                                              "text_sampling": "multinomial"}
+                                              "text_sampling": "multinomial",
+                                              "caption_max_tokens": 0}
 
     def recomputed(*flags: str) -> set[str]:
         """Run the evaluation again with ``flags``; the tasks whose shards were all rewritten
@@ -126,6 +127,10 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     flags.append("--config.eval.text_sampling=argmax")
     assert recomputed(*flags) == {"caption"}
     assert settings("caption")["options"]["text_sampling"] == "argmax"
+    # a bound on the caption's length recomputes the caption shards only
+    flags.append("--config.eval.caption_max_tokens=5")
+    assert recomputed(*flags) == {"caption"}
+    assert settings("caption")["options"]["caption_max_tokens"] == 5
     # a guidance schedule recomputes the t2i shards only
     flags.append("--config.eval.guidance_schedule=linear")
     assert recomputed(*flags) == {"t2i"}
@@ -143,6 +148,7 @@ def test_image_sampling_settings_recompute_t2i_shards_only(run, tmp_path):
     (["--config.eval.temperature=(1.0,)"], "temperature must be a (start, end) tuple"),
     (["--config.eval.guidance_schedule=cosine"], "guidance_schedule must be one of"),
     (["--config.eval.guidance_plausibility=1.5"], "guidance_plausibility must be in [0, 1)"),
+    (["--config.eval.answer_max_tokens=-2"], "eval.answer_max_tokens=-2"),
 ])
 def test_bad_sampling_settings_fail_before_any_work(run, tmp_path, capsys, flags, fragment):
     """muddit-eval and muddit-train refuse a bad eval sampler setting at start, naming it."""

@@ -116,6 +116,26 @@ def test_vqa_prefix_stays_fixed(pipe):
     assert not np.any(tokens == pipe.tokenizer.mask_id), "mask tokens left after decoding"
 
 
+def test_max_tokens_decodes_only_the_bounded_region(pipe):
+    """``max_tokens=k``: the ``k`` positions after the prefix are decoded, the rest keeps the
+    prompt's padding; the bound changes what the model sees, so the decoded text differs."""
+    q = "a red circle"
+    images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    ids = pipe.tokenizer.encode([q, ""], pipe.text_length)
+    free, prefix = pipe.text_tokens(images, [q, ""], steps=3, sampling="argmax")
+    for k in (1, 3):
+        tokens, _ = pipe.text_tokens(images, [q, ""], steps=3, sampling="argmax", max_tokens=k)
+        for row, start in enumerate(prefix):
+            np.testing.assert_array_equal(tokens[row, start + k:], pipe.tokenizer.pad_id)
+            np.testing.assert_array_equal(tokens[row, :start], ids[row, :start])
+            assert not np.any(tokens[row, start:start + k] == pipe.tokenizer.mask_id)
+    assert not np.all(free[:, prefix.max():] == pipe.tokenizer.pad_id), "unbounded: all pad"
+    # a bound past the text length is no bound
+    np.testing.assert_array_equal(
+        pipe.text_tokens(images, [q, ""], steps=3, sampling="argmax",
+                         max_tokens=pipe.text_length)[0], free)
+
+
 @pytest.mark.parametrize(
     "call, fragment",
     [
@@ -131,6 +151,7 @@ def test_vqa_prefix_stays_fixed(pipe):
         (lambda p: p.answer(np.zeros((1, 16, 16, 3)), ["what is " * 20]), "no room"),
         (lambda p: p.generate(["x"], temperature=(-1.0, 0.0)), "temperature must be"),
         (lambda p: p.generate(["x"], temperature=2.0), "temperature must be"),
+        (lambda p: p.caption(np.zeros((1, 16, 16, 3)), max_tokens=0), "max_tokens=0"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(pipe, call, fragment):

@@ -41,8 +41,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The pipeline of ``--workdir`` or ``--checkpoint`` and the sampling options of the task
     asked for (T2I: ``guidance_scale``, ``guidance_schedule``, ``guidance_plausibility``,
     ``temperature``, ``sampling``, ``top_k``; captions and
-    answers: ``sampling``): the flags, else the run's ``eval`` settings; with ``--checkpoint``
-    only the flags given (the pipeline's defaults fill the rest)."""
+    answers: ``sampling``, ``max_tokens``): the flags, else the run's ``eval`` settings; with
+    ``--checkpoint`` only the flags given (the pipeline's defaults fill the rest)."""
     if args.prompt is not None:
         given = dict(guidance_scale=args.guidance_scale,
                      guidance_schedule=args.guidance_schedule,
@@ -50,7 +50,9 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                      sampling=args.sampling, top_k=args.top_k)
         fields = {k: k for k in given}
     else:
-        given, fields = dict(sampling=args.sampling), dict(sampling="text_sampling")
+        given = dict(sampling=args.sampling, max_tokens=args.max_tokens)
+        bound = "caption_max_tokens" if args.question is None else "answer_max_tokens"
+        fields = dict(sampling="text_sampling", max_tokens=bound)
     if args.checkpoint:
         from muddit_jax.pipeline import MudditPipeline
 
@@ -61,8 +63,11 @@ def load_pipeline(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     config, pipe = pipeline_from_workdir(args.workdir, args.step, ema=args.ema)
     # runs saved before a field existed fall back to the pipeline's default
     run = {k: config.eval.get(f) for k, f in fields.items()}
-    return pipe, {k: run[k] if v is None else v for k, v in given.items()
-                  if v is not None or run[k] is not None}
+    options = {k: run[k] if v is None else v for k, v in given.items()
+               if v is not None or run[k] is not None}
+    if options.get("max_tokens") == 0:  # eval's 0: decode to the text length
+        del options["max_tokens"]
+    return pipe, options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how each masked token's candidate is drawn (top_k: T2I only, with "
                         "--top-k); default: the run's eval.sampling / eval.text_sampling")
     p.add_argument("--top-k", type=int, default=None, help="with --sampling top_k")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="caption / VQA: decode at most this many positions (text and eos), the "
+                        "rest stays padding; default: the run's eval.caption_max_tokens / "
+                        "eval.answer_max_tokens (0: to the text length)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if (args.prompt is None) == (args.image is None):
@@ -108,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} applies to text-to-image (--prompt) only")
     if args.prompt is None and (args.sampling == "top_k" or args.top_k is not None):
         p.error("--sampling top_k / --top-k apply to text-to-image (--prompt) only")
+    if args.max_tokens is not None and (args.prompt is not None or args.max_tokens < 1):
+        p.error("--max-tokens applies to captions / VQA (--image) and needs a value >= 1")
     if args.top_k is not None and (args.sampling != "top_k" or args.top_k < 1):
         p.error("--top-k needs --sampling top_k and a value >= 1")
     return args

@@ -36,6 +36,7 @@ ForwardFn = Callable[[Any, Array, Array, Array, Array], tuple[Array, Array]]
 
 MODES = ("split", "joint")
 WEIGHTINGS = ("muddit", "elbo", "count")
+PAD_MASKINGS = ("joint", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,18 @@ class LossConfig:
         Applies to caption rows and to the answer region of ``text_maskable`` rows alike.
         False leaves the padding visible, which tells the model the answer length; sampling
         (``MudditPipeline.answer``) masks every position after the prompt, so SFT runs want True.
+      answer_padding_visible: with ``text_pad_is_target``, rows with a question prefix (a
+        ``text_maskable`` region that leaves out the bos: VQA / instruction rows) still never
+        mask their padding; caption rows do. Such answers are decoded with a bound on their
+        length (``eval.answer_max_tokens``), since the model never saw masked padding after
+        them. See BENCHMARKS §1.22.
+      text_pad_masking: with ``text_pad_is_target``, how the padding is drawn. ``"joint"``
+        (upstream): one count ``round(n * r)`` over the answer and its padding together, so at
+        low ``r`` the answer is rarely a target. ``"separate"``: the answer (bos/answer .. eos)
+        and the padding are two strata, each masked at the same ``r``: ``max(1, round(n_answer *
+        r))`` answer positions and ``round(n_pad * r)`` padding positions. Every position is
+        still masked with probability about ``r``; only the count per stratum is fixed.
+        ``weighting="count"`` weighs each stratum by its own ``n / k``. See BENCHMARKS §1.22.
       ratio_floor: floor of ``r`` in the weights (upstream ``clamp(min=1e-3)``).
       t2i_fraction: ``mode="split"``: the first ``b * t2i_fraction`` rows are T2I (upstream:
         half); must give a whole number of rows. A mixture puts its caption rows first
@@ -77,6 +90,8 @@ class LossConfig:
     schedule: str = "cosine"
     cond_dropout: float = 0.1
     text_pad_is_target: bool = False
+    text_pad_masking: str = "joint"
+    answer_padding_visible: bool = False
     ratio_floor: float = 1e-3
     t2i_fraction: float = 0.5
 
@@ -90,13 +105,22 @@ class LossConfig:
         if not 0.0 < self.ratio_floor <= 1.0:
             raise ValueError(f"ratio_floor={self.ratio_floor} must be in (0, 1] (upstream 1e-3; "
                              "1 = no 1/r weighting)")
+        if self.text_pad_masking not in PAD_MASKINGS:
+            raise ValueError(f"text_pad_masking must be one of {PAD_MASKINGS}, "
+                             f"got {self.text_pad_masking!r}")
+        if self.text_pad_masking == "separate" and not self.text_pad_is_target:
+            raise ValueError("text_pad_masking='separate' draws the padding apart from the "
+                             "answer, so it needs text_pad_is_target=True (without it the "
+                             "padding is never masked); set one or use 'joint'")
         get_schedule(self.schedule)
 
 
-def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+def _masked_ce(logits: Array, targets: Array, mask: Array, weight: Array | None = None
+               ) -> tuple[Array, Array]:
     """Per-example summed CE over ``mask`` and number of correct argmax predictions there.
 
-    ``logits [b, ..., V]``, ``targets``/``mask [b, ...]`` -> ``([b] f32, [b] f32)``.
+    ``logits [b, ..., V]``, ``targets``/``mask [b, ...]`` -> ``([b] f32, [b] f32)``; ``weight``
+    (same shape as ``mask``) multiplies each position's CE in the sum.
 
     The target logit is picked with a one-hot select rather than a gather: the gather's gradient
     is a scatter, which XLA CPU runs serially (it was ~40% of a small train step on CPU).
@@ -110,7 +134,7 @@ def _masked_ce(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     # with the maximum as correct.
     correct = (picked >= jnp.max(logits32, axis=-1)) & (targets == tgt)
     axes = tuple(range(1, mask.ndim))
-    ce_sum = jnp.where(mask, ce, 0.0).sum(axes)
+    ce_sum = jnp.where(mask, ce if weight is None else ce * weight, 0.0).sum(axes)
     n_correct = (correct & mask).sum(axes).astype(jnp.float32)
     return ce_sum, n_correct
 
@@ -127,6 +151,27 @@ def _weight(u: Array, r: Array, n_masked: Array, n_maskable: Array | int, schedu
     # t = 1 - u whenever min_mask_rate did not clip.
     u_eff = jnp.where(r > schedule.mask_ratio(u), schedule.progress_of_ratio(r), u)
     return schedule.elbo_weight(1.0 - u_eff, config.ratio_floor)
+
+
+def _text_mask(rng: Array, maskable: Array, text_valid: Array, ratio: Array,
+               config: LossConfig) -> tuple[Array, Array | None]:
+    """The text mask ``[b, l]`` and, for separate padding with count weights, each position's
+    weight ``[b, l]`` (its stratum's ``n / k``; ``None``: the row weight of :func:`_weight`)."""
+    if config.text_pad_masking == "joint":
+        return random_mask(rng, maskable, ratio), None
+    k_answer, k_pad = jax.random.split(rng)
+    answer, pad = maskable & text_valid, maskable & ~text_valid
+    answer_mask = random_mask(k_answer, answer, ratio)
+    pad_mask = random_mask(k_pad, pad, ratio, min_masked=0)
+    if config.weighting != "count":
+        return answer_mask | pad_mask, None
+
+    def count_weight(region: Array, mask: Array) -> Array:
+        return (region.sum(-1) / jnp.maximum(mask.sum(-1), 1))[:, None].astype(jnp.float32)
+
+    weight = jnp.where(text_valid, count_weight(answer, answer_mask),
+                       count_weight(pad, pad_mask))
+    return answer_mask | pad_mask, weight
 
 
 def _masked_mean(x: Array, rows: Array) -> Array:
@@ -211,12 +256,16 @@ def diffusion_loss(
         text_ids_cond = text_ids
 
     answer = batch.get("text_maskable")
-    maskable = text_targets(text_valid, None if answer is None else jnp.asarray(answer, bool),
-                            pad_is_target=config.text_pad_is_target)
+    answer = None if answer is None else jnp.asarray(answer, bool)
+    pad_is_target = config.text_pad_is_target
+    if answer is not None and config.answer_padding_visible:
+        pad_is_target = pad_is_target & answer[:, :1]  # a question row never masks its bos
+    maskable = text_targets(text_valid, answer, pad_is_target=pad_is_target)
 
     img_mask = random_mask(k_mi, jnp.ones((b, h * w), bool), r_img).reshape(b, h, w)
     img_mask = img_mask & img_rows[:, None, None]
-    txt_mask = random_mask(k_mt, maskable, r_txt) & txt_rows[:, None]
+    txt_mask, txt_weight = _text_mask(k_mt, maskable, text_valid, r_txt, config)
+    txt_mask = txt_mask & txt_rows[:, None]
 
     image_in = apply_mask(image_ids, img_mask, config.image_mask_id)
     text_in = apply_mask(text_ids_cond, txt_mask, config.text_mask_id)
@@ -230,11 +279,13 @@ def diffusion_loss(
                              "loss.t2i_fraction=1")
         txt_ce, txt_correct = jnp.zeros((b,)), jnp.zeros((b, l), bool)
     else:
-        txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask)
+        txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask, txt_weight)
     img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, img_mask.sum((1, 2)), h * w,
                                             schedule, config)
-    txt_loss_i = txt_ce / l * _weight(u_txt, r_txt, txt_mask.sum(-1), maskable.sum(-1),
-                                      schedule, config)
+    txt_loss_i = txt_ce / l
+    if txt_weight is None:  # otherwise the strata's count weights are already in txt_ce
+        txt_loss_i = txt_loss_i * _weight(u_txt, r_txt, txt_mask.sum(-1), maskable.sum(-1),
+                                          schedule, config)
 
     image_loss = _masked_mean(img_loss_i, img_rows)
     text_loss = _masked_mean(txt_loss_i, txt_rows)

@@ -43,7 +43,7 @@ def num_to_mask(n_valid: Array, ratio: Array, *, min_masked: int = 1) -> Array:
 
 
 def text_targets(
-    text_valid: Array, text_maskable: Array | None = None, *, pad_is_target: bool = False
+    text_valid: Array, text_maskable: Array | None = None, *, pad_is_target: bool | Array = False
 ) -> Array:
     """Text positions that may be masked (hence be targets), ``[b, l]`` bool.
 
@@ -52,11 +52,11 @@ def text_targets(
       text_maskable: ``[b, l]`` bool answer region of ``question answer`` rows (True from the
         first answer token on, padding included); ``None``: the whole row (captions).
       pad_is_target: keep the padding after the eos (upstream masks the whole padded region);
-        False drops it, so only ``text_valid`` positions are ever masked.
+        False drops it, so only ``text_valid`` positions are ever masked. A ``[b, 1]`` bool
+        array decides per row.
     """
     region = jnp.ones_like(text_valid, bool) if text_maskable is None else text_maskable
-    region = region.astype(bool)
-    return region if pad_is_target else region & text_valid.astype(bool)
+    return region.astype(bool) & (text_valid.astype(bool) | pad_is_target)
 
 
 def random_mask(

@@ -67,6 +67,10 @@ def check_sampling(e: ml_collections.ConfigDict) -> None:
         raise ValueError(f"eval.sampling={e.sampling!r}: use one of multinomial, argmax, top_k")
     if e.text_sampling not in TEXT_SAMPLING:
         raise ValueError(f"eval.text_sampling={e.text_sampling!r}: use one of {TEXT_SAMPLING}")
+    for field in ("caption_max_tokens", "answer_max_tokens"):
+        if not isinstance(e[field], int) or e[field] < 0:
+            raise ValueError(f"eval.{field}={e[field]!r}: use 0 (decode to the text length) or "
+                             "a positive number of positions (the text and its eos)")
     if (e.sampling == "top_k") != (e.top_k > 0):
         raise ValueError(f"eval.top_k={e.top_k} with eval.sampling={e.sampling!r}: set both "
                          "(sampling='top_k' and top_k >= 1) or neither")

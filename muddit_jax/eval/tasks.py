@@ -18,11 +18,12 @@ class CaptionEvaluator(Evaluator):
     ``"objects"`` (then ``attribute_accuracy``: the fraction of captions that name every object's
     colour + shape and nothing else, see :func:`caption_names_objects`)."""
 
-    config_options = (*Evaluator.config_options, "text_sampling")
+    config_options = (*Evaluator.config_options, "text_sampling", "caption_max_tokens")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
         return pipe.caption(stack_images(batch), steps=self.steps, seed=list(seeds),
-                            sampling=self.options.get("text_sampling", "multinomial"))
+                            sampling=self.options.get("text_sampling", "multinomial"),
+                            max_tokens=self.options.get("caption_max_tokens") or None)
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         ids = [str(e["id"]) for e in examples]
@@ -44,12 +45,13 @@ class VQAEvaluator(Evaluator):
     ``question_type/<type>`` (characters other than letters, digits, ``_.-`` become ``_``), the
     breakdown of the official VQAv2 evaluation."""
 
-    config_options = (*Evaluator.config_options, "text_sampling")
+    config_options = (*Evaluator.config_options, "text_sampling", "answer_max_tokens")
 
     def predict(self, pipe: Any, batch: Sequence[Example], seeds: Sequence[int]) -> list[str]:
         questions = [e["question"] for e in batch]
         return pipe.answer(stack_images(batch), questions, steps=self.steps, seed=list(seeds),
-                           sampling=self.options.get("text_sampling", "multinomial"))
+                           sampling=self.options.get("text_sampling", "multinomial"),
+                           max_tokens=self.options.get("answer_max_tokens") or None)
 
     def score(self, predictions: Mapping[str, Any], examples: Sequence[Example]) -> dict[str, float]:
         answers = {str(e["id"]): list(e["answers"]) for e in examples}

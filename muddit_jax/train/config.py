@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
         # floor of r in the 1/r weight (upstream 1e-3); see BENCHMARKS.md §1.2
         ratio_floor=1e-3,
         schedule="cosine", cond_dropout=0.1, text_pad_is_target=False,
+        # joint (upstream) | separate: mask the padding apart from the answer (BENCHMARKS §1.22)
+        text_pad_masking="joint",
+        # VQA rows keep their padding visible even when text_pad_is_target (captions still
+        # learn to end); decode answers with eval.answer_max_tokens (BENCHMARKS §1.22)
+        answer_padding_visible=False,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
     )
@@ -123,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
         # how a masked token's candidate is drawn from its logits: T2I "multinomial" (upstream) |
         # "argmax" | "top_k" (with top_k); captions and answers "multinomial" | "argmax"
         sampling="multinomial", top_k=0, text_sampling="multinomial",
+        # captions / answers: decode at most this many positions (text + eos), the rest stays
+        # padding; 0 = to the text length (upstream). A run trained with
+        # loss.text_pad_is_target=False needs a bound to end its texts (BENCHMARKS §1.22)
+        caption_max_tokens=0, answer_max_tokens=0,
         # T2I guidance scale per step: "constant" | "linear" (0 at the first step up to
         # guidance_scale at the last, open-muse's schedule) | "decay" (guidance_scale at the
         # first step down to 1 at the last)
