@@ -118,7 +118,7 @@ def test_vqa_prefix_stays_fixed(pipe):
 
 def test_max_tokens_decodes_only_the_bounded_region(pipe):
     """``max_tokens=k``: the ``k`` positions after the prefix are decoded, the rest keeps the
-    prompt's padding; the bound changes what the model sees, so the decoded text differs."""
+    prompt's padding; a bound at the text length decodes as no bound."""
     q = "a red circle"
     images = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     ids = pipe.tokenizer.encode([q, ""], pipe.text_length)

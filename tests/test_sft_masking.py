@@ -181,8 +181,8 @@ def test_separate_pad_masking_loss_weighs_each_stratum(weighting: str):
         logits, batch["text_ids"][..., None], -1)[..., 0])
     kw = dict(text_pad_is_target=True, text_pad_masking="separate", weighting=weighting)
     for seed in range(6):
-        masked = masked_inputs(batch, seed, **kw)[0] == TXT_MASK
-        r = masked_inputs(batch, seed, **kw)[1]
+        txt_in, r = masked_inputs(batch, seed, **kw)
+        masked = txt_in == TXT_MASK
         loss, _ = diffusion_loss(forward_fn=logits_forward, params=logits, batch=batch,
                                  rng=jax.random.PRNGKey(seed), config=config(**kw))
         rows = []
