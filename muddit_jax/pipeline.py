@@ -27,7 +27,7 @@ import numpy as np
 from muddit_jax.diffusion.sampler import (
     CONFIDENCE_TEMPERATURE, TIMESTEP_MODES, SamplerConfig, sample,
 )
-from muddit_jax.models.muddit import Muddit, MudditConfig
+from muddit_jax.models.muddit import Muddit, MudditConfig, text_keys
 from muddit_jax.models.tokenizers import Tokenizer
 from muddit_jax.models.vq import VQModel
 
@@ -326,9 +326,9 @@ class MudditPipeline:
         grid = self.image_size // self.config.vq.downsample_factor
 
         def logits_fn(context: Any, tokens: jax.Array, t: jax.Array) -> jax.Array:
-            p, ctx, pooled, micro = context
+            p, ctx, pooled, micro, keys = context
             logits, _ = muddit.apply(
-                {"params": p}, tokens.reshape(-1, grid, grid), ctx, pooled, t, micro,
+                {"params": p}, tokens.reshape(-1, grid, grid), ctx, pooled, t, micro, keys,
                 method=Muddit.denoise,
             )
             return logits.reshape(tokens.shape[0], grid * grid, -1)
@@ -344,7 +344,8 @@ class MudditPipeline:
             if inpaint:
                 tokens = vq.apply({"params": params["vq"]}, pixels, method=VQModel.encode)
                 tokens, fixed = tokens.reshape(b, -1), keep.reshape(b, -1)
-            codes = sample(logits_fn, (p, ctx, pooled, micro), tokens, fixed, rng, cfg)
+            keys = text_keys(self.config, text)
+            codes = sample(logits_fn, (p, ctx, pooled, micro, keys), tokens, fixed, rng, cfg)
             codes = codes.reshape(b, grid, grid)
             images = vq.apply({"params": params["vq"]}, codes, method=VQModel.decode)
             return jnp.clip(images.astype(jnp.float32), 0.0, 1.0), codes

@@ -434,6 +434,29 @@ def test_image_pos_embed_option():
     assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
+def test_text_keys_hide_positions_as_if_they_were_not_there():
+    """A text position with ``text_keys`` False informs nothing: the image logits and the other
+    text positions' logits equal those of the sequence without it (text RoPE ids are all 0),
+    under scan + remat too, and its content no longer matters; without ``text_keys`` it does."""
+    cfg = MMDiTConfig(**BASE)
+    x = {k: jnp.asarray(v) for k, v in _inputs(BASE).items()}
+    keep = L - 2
+    keys = jnp.broadcast_to(jnp.arange(L) < keep, (B, L))
+    params = MMDiT(cfg).init(jax.random.key(0), *x.values())
+    short = MMDiT(cfg).apply(params, **{**x, "text_states": x["text_states"][:, :keep]})
+    scanned = {"params": stack_block_params(nn.unbox(params)["params"])}
+    noisy = {**x, "text_states": x["text_states"].at[:, keep:].add(3.0)}
+    for model, p, inputs in ((MMDiT(cfg), params, x), (MMDiT(cfg), params, noisy),
+                             (MMDiT(cfg, scan_layers=True, remat=True), scanned, noisy)):
+        img, txt = model.apply(p, **inputs, text_keys=keys)
+        assert_close(img, short[0], 1e-5, "image logits with hidden text keys")
+        assert_close(txt[:, :keep], short[1], 1e-5, "visible text logits")
+    plain, moved = (MMDiT(cfg).apply(params, **inputs)[0] for inputs in (x, noisy))
+    assert float(jnp.abs(plain - moved).max()) > 1e-3, "without text_keys the tail matters"
+    with pytest.raises(ValueError, match=r"text_keys must be \[2, 6\]"):
+        MMDiT(cfg).apply(params, **x, text_keys=keys[:, :3])
+
+
 def test_resample_levels_option():
     """``resample_levels=2`` stacks two 2x down/up-sampling levels: the blocks see 16x fewer
     image tokens (the position table's rows count them), logits stay on the code grid, level 0

@@ -247,3 +247,31 @@ def test_argmax_candidates_ignore_the_seed_where_multinomial_does_not(pipe):
     assert not np.array_equal(drawn[0], drawn[1])
     with pytest.raises(ValueError, match="sampling must be one of"):
         pipe.caption(images, steps=1, sampling="greedy")
+
+
+def test_mask_text_padding_makes_extra_padding_invisible(pipe):
+    """With ``mask_text_padding`` the padding is no MM-DiT key: a longer text sequence (more
+    padding) gives the same T2I images and bounded captions (the text encoder is causal and text
+    RoPE ids are 0); without it the same change moves the images. The run option reaches the
+    model config of every preset."""
+    import dataclasses
+
+    from muddit_jax.pipeline import MudditPipeline
+    from muddit_jax.train import config as C
+
+    prompts, images = ["a red circle", "a circle"], pipe.generate(["a square"], steps=2, seed=0)
+    for on in (True, False):
+        cfg = dataclasses.replace(pipe.config, mask_text_padding=on)
+        short, long = (MudditPipeline(cfg, pipe.tokenizer, pipe.params, IMAGE_SIZE, text_length=n)
+                       for n in (8, 16))
+        same = np.array_equal(short.generate(prompts, steps=6, seed=1),
+                              long.generate(prompts, steps=6, seed=1))
+        assert same == on, f"mask_text_padding={on}: images equal={same}"
+        if on:
+            assert (short.caption(images, steps=3, seed=2, max_tokens=4)
+                    == long.caption(images, steps=3, seed=2, max_tokens=4))
+    c = C.base_config()
+    assert not C.model_config(c).mask_text_padding
+    c.model.update(mask_text_padding=True, preset="muddit_512")
+    assert C.model_config(c).mask_text_padding
+

@@ -202,15 +202,18 @@ def attention(
     v: jax.Array,
     *,
     bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention on ``[b, l, heads, head_dim]`` (``jax.nn.dot_product_attention``);
-    ``bias`` broadcasts to ``[b, heads, q, k]``. ``implementation``: ``None`` lets JAX pick
+    ``bias`` (additive) and ``mask`` (boolean, True = attend) broadcast to ``[b, heads, q, k]``.
+    ``implementation``: ``None`` lets JAX pick
     (XLA on CPU/TPU), ``"xla"`` forces the XLA einsum path, ``"cudnn"`` the cuDNN fused (flash)
     kernel on NVIDIA GPUs (fp16/bf16 only; raises where unsupported)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}")
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        implementation=implementation)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

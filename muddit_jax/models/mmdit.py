@@ -234,6 +234,7 @@ class Attention(nn.Module):
 
     With ``context`` (dual-stream): ``(img, txt) -> (to_out(img part), to_add_out(txt part))``.
     Without (single-stream, ``pre_only``): ``x -> attention output [b, s, heads*head_dim]``.
+    ``keys`` ``[b, 1, 1, s]`` bool (True = attend; ``None`` = all) masks joint-sequence keys.
     """
 
     heads: int
@@ -258,7 +259,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, context: jax.Array | None, cos: jax.Array, sin: jax.Array
+        self, x: jax.Array, context: jax.Array | None, cos: jax.Array, sin: jax.Array,
+        keys: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         qkv = self._qkv(x, ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
         if self.context:
@@ -268,7 +270,8 @@ class Attention(nn.Module):
             qkv = [jnp.concatenate([c, i], axis=1) for c, i in zip(ctx, qkv, strict=True)]
         q, k, v = qkv
         out = layers.attention(
-            apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, implementation=self.attention_impl
+            apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask=keys,
+            implementation=self.attention_impl,
         )
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
         if not self.context:
@@ -283,7 +286,8 @@ class Attention(nn.Module):
 
 
 class DualStreamBlock(nn.Module):
-    """Flux dual-stream (MM-DiT) block: ``((txt, img), temb, cos, sin) -> ((txt, img), None)``."""
+    """Flux dual-stream (MM-DiT) block: ``((txt, img), temb, cos, sin, keys) -> ((txt, img),
+    None)``."""
 
     config: MMDiTConfig
     dtype: Dtype = jnp.float32
@@ -292,7 +296,8 @@ class DualStreamBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, carry: tuple[jax.Array, jax.Array], temb: jax.Array, cos: jax.Array, sin: jax.Array
+        self, carry: tuple[jax.Array, jax.Array], temb: jax.Array, cos: jax.Array, sin: jax.Array,
+        keys: jax.Array | None = None,
     ) -> tuple[tuple[jax.Array, jax.Array], None]:
         txt, img = carry
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -307,7 +312,7 @@ class DualStreamBlock(nn.Module):
             attention_impl=self.attention_impl,
             name="attn",
             **kw,
-        )(n_img, n_txt, cos, sin)
+        )(n_img, n_txt, cos, sin, keys)
         img = img + gate * a_img
         img = img + gate2 * FeedForward(name="ff", **kw)(
             _ln(self.dtype, "norm2")(img) * (1 + scale2) + shift2
@@ -331,7 +336,8 @@ class SingleStreamBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, temb: jax.Array, cos: jax.Array, sin: jax.Array
+        self, x: jax.Array, temb: jax.Array, cos: jax.Array, sin: jax.Array,
+        keys: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         d, kw = x.shape[-1], dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, (gate,) = AdaNormZero(3, name="norm", **kw)(x, temb)
@@ -342,7 +348,7 @@ class SingleStreamBlock(nn.Module):
             attention_impl=self.attention_impl,
             name="attn",
             **kw,
-        )(h, None, cos, sin)
+        )(h, None, cos, sin, keys)
         out = layers.dense(d, ("mlp", "embed"), name="proj_out", **kw)(
             jnp.concatenate([attn, mlp], axis=-1)
         )
@@ -494,7 +500,7 @@ class MMDiT(nn.Module):
     remat_policy: str | None = None
     attention_impl: str | None = None
 
-    def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, temb, cos, sin):
+    def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, *args):
         if length == 0:
             return carry
         kw = dict(
@@ -513,13 +519,13 @@ class MMDiT(nn.Module):
                 cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast,) * len(args),
                 length=length,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(name=name, **kw)(carry, temb, cos, sin)[0]
+            return scanned(name=name, **kw)(carry, *args)[0]
         for i in range(length):
-            carry = cls(name=f"{name}_{i}", **kw)(carry, temb, cos, sin)[0]
+            carry = cls(name=f"{name}_{i}", **kw)(carry, *args)[0]
         return carry
 
     @nn.compact
@@ -530,6 +536,7 @@ class MMDiT(nn.Module):
         pooled: jax.Array,
         timestep: jax.Array,
         micro_conds: jax.Array,
+        text_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Predict image-token and text-token logits.
 
@@ -543,6 +550,9 @@ class MMDiT(nn.Module):
           timestep: ``[b]`` float in ``[0, 1]`` (upstream passes ``step / num_steps``; scaled by
             1000 inside, as upstream).
           micro_conds: ``[b, 5]`` = (width, height, crop x, crop y, aesthetic score).
+          text_keys: ``[b, l]`` bool, False where a text position is no attention key in any
+            block (its state still updates but informs no other position); ``None`` = every
+            position is a key (upstream).
 
         Returns:
           ``image_logits`` ``[b, h, w, codebook_size]`` and ``text_logits``
@@ -596,15 +606,19 @@ class MMDiT(nn.Module):
             cos, sin = per_head_rope(cos, sin, cfg.num_attention_heads, cfg.rope_free_heads)
         cos, sin = jnp.asarray(cos), jnp.asarray(sin)
         txt, img = nn.with_logical_constraint(txt, ACT), nn.with_logical_constraint(img, ACT)
-        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), temb, cos, sin)
+        keys = None
+        if text_keys is not None:
+            if text_keys.shape != (b, n_txt):
+                raise ValueError(f"text_keys must be [{b}, {n_txt}] (one flag per text position), "
+                                 f"got {text_keys.shape}")
+            keys = jnp.concatenate(
+                [text_keys.astype(bool), jnp.ones((b, img.shape[1]), bool)], axis=1
+            )[:, None, None, :]
+        blocks = (temb, cos, sin, keys)
+        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), *blocks)
         x = self._blocks(
-            SingleStreamBlock,
-            SINGLE,
-            cfg.num_single_layers,
-            jnp.concatenate([txt, img], axis=1),
-            temb,
-            cos,
-            sin,
+            SingleStreamBlock, SINGLE, cfg.num_single_layers, jnp.concatenate([txt, img], axis=1),
+            *blocks,
         )
         txt, img = x[:, :n_txt], x[:, n_txt:]
 

@@ -25,11 +25,17 @@ Dtype = Any
 
 @dataclasses.dataclass(frozen=True)
 class MudditConfig:
-    """The three networks' configs, checked for compatibility."""
+    """The three networks' configs, checked for compatibility.
+
+    ``mask_text_padding`` (not upstream: False) makes visible text padding (ids equal to
+    ``text.pad_token_id``) no attention key in the MM-DiT: the padding's states then inform no
+    other position. Masked padding (a target) stays a key. No params change.
+    """
 
     text: CLIPTextConfig
     vq: VQConfig
     mmdit: MMDiTConfig
+    mask_text_padding: bool = False
 
     def __post_init__(self) -> None:
         t, v, m = self.text, self.vq, self.mmdit
@@ -84,6 +90,14 @@ class MudditConfig:
         return cls(text=text, vq=vq, mmdit=mmdit)
 
 
+def text_keys(config: MudditConfig, text_ids: jax.Array) -> jax.Array | None:
+    """``[b, l]`` bool, False at the text positions the MM-DiT must not attend to (visible padding
+    when ``config.mask_text_padding``); ``None`` when every position is a key."""
+    if not config.mask_text_padding:
+        return None
+    return text_ids != config.text.pad_token_id
+
+
 class Muddit(nn.Module):
     """Text encoder + MM-DiT. Params: ``{"text_encoder": ..., "mmdit": ...}``.
 
@@ -119,9 +133,11 @@ class Muddit(nn.Module):
         pooled: jax.Array,
         timestep: jax.Array,
         micro_conds: jax.Array,
+        text_keys: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """MM-DiT on encoded text: ``(image_logits [b, h, w, K], text_logits [b, l, V] | None)``."""
-        return self.mmdit(image_ids, context, pooled, timestep, micro_conds)
+        """MM-DiT on encoded text: ``(image_logits [b, h, w, K], text_logits [b, l, V] | None)``;
+        ``text_keys`` is :func:`text_keys` of the encoded ids."""
+        return self.mmdit(image_ids, context, pooled, timestep, micro_conds, text_keys)
 
     def __call__(
         self,
@@ -133,4 +149,5 @@ class Muddit(nn.Module):
         """Full forward: ``image_ids [b, h, w]``, ``text_ids [b, l]``, ``timestep [b]`` in [0, 1],
         ``micro_conds [b, 5]`` -> ``(image_logits, text_logits)``."""
         context, pooled = self.encode_text(text_ids)
-        return self.denoise(image_ids, context, pooled, timestep, micro_conds)
+        return self.denoise(image_ids, context, pooled, timestep, micro_conds,
+                            text_keys(self.config, text_ids))

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: ConvNeXt blocks on the code grid before down- / after up-sampling
         # (amused's UViT blocks; upstream Muddit has none) and their depthwise kernel size
         conv_blocks=0, conv_kernel=3,
+        # visible text padding is no MM-DiT attention key (any preset; upstream attends to it;
+        # MudditConfig.mask_text_padding, BENCHMARKS.md §1.23)
+        mask_text_padding=False,
         dtype="float32",  # compute dtype; params are kept in param_dtype (fp32 master)
         param_dtype="float32",
         remat=False,
@@ -209,7 +212,7 @@ def _pretrained(folder: str) -> MudditConfig:
 
 def model_config(c: ml_collections.ConfigDict) -> MudditConfig:
     """The :class:`MudditConfig` for ``c.model`` (``c`` is the whole config)."""
-    cfg = _model_config(c)
+    cfg = dataclasses.replace(_model_config(c), mask_text_padding=bool(c.model.mask_text_padding))
     f = cfg.mmdit.resample_factor
     if int(c.data.grid) % f:
         raise ValueError(f"data.grid={c.data.grid} must be a multiple of {f}: the MM-DiT "
