@@ -434,11 +434,13 @@ def test_image_pos_embed_option():
     assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
-def test_text_keys_hide_positions_as_if_they_were_not_there():
+@pytest.mark.parametrize("registers", [0, 3])
+def test_text_keys_hide_positions_as_if_they_were_not_there(registers):
     """A text position with ``text_keys`` False informs nothing: the image logits and the other
     text positions' logits equal those of the sequence without it (text RoPE ids are all 0),
-    under scan + remat too, and its content no longer matters; without ``text_keys`` it does."""
-    cfg = MMDiTConfig(**BASE)
+    under scan + remat too, and its content no longer matters; without ``text_keys`` it does.
+    Register tokens stay keys."""
+    cfg = MMDiTConfig(**BASE, text_registers=registers)
     x = {k: jnp.asarray(v) for k, v in _inputs(BASE).items()}
     keep = L - 2
     keys = jnp.broadcast_to(jnp.arange(L) < keep, (B, L))
@@ -455,6 +457,35 @@ def test_text_keys_hide_positions_as_if_they_were_not_there():
     assert float(jnp.abs(plain - moved).max()) > 1e-3, "without text_keys the tail matters"
     with pytest.raises(ValueError, match=r"text_keys must be \[2, 6\]"):
         MMDiT(cfg).apply(params, **x, text_keys=keys[:, :3])
+
+
+def test_text_registers_option():
+    """``text_registers=n`` adds one learned ``[n, width]`` table (logical axes ``(None,
+    embed)``) of tokens that join the text stream and shape every output, yet yield no text
+    logits; the key travels in the config dict only when set, and cannot be ported."""
+    from muddit_jax.train import config as C
+
+    cfg = MMDiTConfig(**BASE, text_registers=3)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    boxed = MMDiT(cfg).init(jax.random.key(0), *inputs)["params"]
+    table = boxed["text_registers"]
+    assert table.names == (None, "embed") and table.value.shape == (3, 32)
+    params = nn.unbox(boxed)
+    img, txt = MMDiT(cfg).apply({"params": params}, *inputs)
+    assert img.shape == (B, H, W, 32) and txt.shape == (B, L, 40)
+    other = {**params, "text_registers": jax.random.normal(jax.random.key(1), (3, 32))}
+    moved_img, moved_txt = MMDiT(cfg).apply({"params": other}, *inputs)
+    assert float(jnp.abs(moved_img - img).max()) > 1e-4
+    assert float(jnp.abs(moved_txt - txt).max()) > 1e-4
+    assert "text_registers" not in MMDiTConfig(**BASE).to_hf_config()
+    assert MMDiTConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    with pytest.raises(ValueError, match="text_registers=3: upstream has no register"):
+        key_map(cfg)
+    with pytest.raises(ValueError, match="text_registers=-1 must be >= 0"):
+        MMDiTConfig(**BASE, text_registers=-1)
+    c = C.base_config()
+    c.model.text_registers = 2
+    assert C.model_config(c).mmdit.text_registers == 2
 
 
 def test_resample_levels_option():

@@ -77,6 +77,10 @@ class MMDiTConfig:
     code grid before the first down-sampling (``down_convnext_{i}``) and after the last
     up-sampling (``up_convnext_{i}``): local, translation-equivariant features of code
     neighbourhoods that the attention blocks otherwise have to build from RoPE scores.
+    ``text_registers`` (not upstream: 0) appends that many learned tokens to the text stream
+    (``text_registers [n, inner_dim]``, text RoPE ids 0): always visible, never targets, no
+    text logits; attention slots the other positions can write image features to and read
+    them from (BENCHMARKS.md §1.23).
     """
 
     patch_size: int = 1
@@ -102,6 +106,7 @@ class MMDiTConfig:
     resample_levels: int = 1
     conv_blocks: int = 0
     conv_kernel: int = 3
+    text_registers: int = 0
 
     def __post_init__(self):
         if not rope_axes_ok(self.axes_dims_rope, self.attention_head_dim):
@@ -123,6 +128,8 @@ class MMDiTConfig:
         if self.conv_blocks < 0 or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_blocks={self.conv_blocks} must be >= 0 and conv_kernel="
                              f"{self.conv_kernel} odd and >= 1 (upstream: no conv blocks)")
+        if self.text_registers < 0:
+            raise ValueError(f"text_registers={self.text_registers} must be >= 0 (upstream: 0)")
         if not 0 <= self.rope_free_heads <= self.num_attention_heads:
             raise ValueError(f"rope_free_heads={self.rope_free_heads} must be in [0, "
                              f"num_attention_heads={self.num_attention_heads}] (upstream: 0)")
@@ -162,7 +169,7 @@ class MMDiTConfig:
         if not d["image_pos_embed"]:  # nor this one
             del d["image_pos_embed"]
         for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
-                              ("rope_free_heads", 0)):
+                              ("rope_free_heads", 0), ("text_registers", 0)):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -581,6 +588,15 @@ class MMDiT(nn.Module):
             )(_ln(dt, "adapter_norm")(txt))
         txt = layers.dense(d, ("cond", "embed"), name="context_embedder", **kw)(txt)
         txt = layers.rms_norm(eps=NORM_EPS, name="encoder_proj_layer_norm", **kw)(txt)
+        if cfg.text_registers:
+            registers = self.param(
+                "text_registers",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (cfg.text_registers, d), self.param_dtype)
+            txt = jnp.concatenate(
+                [txt, jnp.broadcast_to(jnp.asarray(registers, dt)[None], (b, *registers.shape))],
+                axis=1)
+        n_seq = txt.shape[1]  # text positions and registers
 
         x = ConvEmbed(cfg.vocab_size, d, name="embed", **kw)(image_ids)
         for i in range(cfg.conv_blocks):
@@ -601,7 +617,7 @@ class MMDiT(nn.Module):
                 (gh * gw, d), self.param_dtype)
             img = img + jnp.asarray(table, dt)[None]
 
-        cos, sin = rope_cos_sin(rope_ids(n_txt, gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
+        cos, sin = rope_cos_sin(rope_ids(n_seq, gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
         if cfg.rope_free_heads:
             cos, sin = per_head_rope(cos, sin, cfg.num_attention_heads, cfg.rope_free_heads)
         cos, sin = jnp.asarray(cos), jnp.asarray(sin)
@@ -611,16 +627,16 @@ class MMDiT(nn.Module):
             if text_keys.shape != (b, n_txt):
                 raise ValueError(f"text_keys must be [{b}, {n_txt}] (one flag per text position), "
                                  f"got {text_keys.shape}")
-            keys = jnp.concatenate(
-                [text_keys.astype(bool), jnp.ones((b, img.shape[1]), bool)], axis=1
-            )[:, None, None, :]
+            keys = jnp.concatenate(  # registers and image tokens are always keys
+                [text_keys.astype(bool), jnp.ones((b, n_seq - n_txt + img.shape[1]), bool)],
+                axis=1)[:, None, None, :]
         blocks = (temb, cos, sin, keys)
         txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), *blocks)
         x = self._blocks(
             SingleStreamBlock, SINGLE, cfg.num_single_layers, jnp.concatenate([txt, img], axis=1),
             *blocks,
         )
-        txt, img = x[:, :n_txt], x[:, n_txt:]
+        txt, img = x[:, :n_txt], x[:, n_seq:]
 
         text_logits = None
         if cfg.tokenizer_vocab_size is not None:

@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: ConvNeXt blocks on the code grid before down- / after up-sampling
         # (amused's UViT blocks; upstream Muddit has none) and their depthwise kernel size
         conv_blocks=0, conv_kernel=3,
+        # tiny only: learned register tokens appended to the MM-DiT text stream (always visible,
+        # never targets; MMDiTConfig.text_registers, BENCHMARKS.md §1.23)
+        text_registers=0,
         # visible text padding is no MM-DiT attention key (any preset; upstream attends to it;
         # MudditConfig.mask_text_padding, BENCHMARKS.md §1.23)
         mask_text_padding=False,
@@ -271,7 +274,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 axes_dims_rope=_rope_axes(m, cfg.mmdit.axes_dims_rope),
                 rope_free_heads=int(m.rope_free_heads),
                 resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
-                conv_kernel=int(m.conv_kernel),
+                conv_kernel=int(m.conv_kernel), text_registers=int(m.text_registers),
             ),
         )
     if m.preset == "muddit_512":
