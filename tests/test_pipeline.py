@@ -253,7 +253,7 @@ def test_mask_text_padding_makes_extra_padding_invisible(pipe):
     """With ``mask_text_padding`` the padding is no MM-DiT key: a longer text sequence (more
     padding) gives the same T2I images and bounded captions (the text encoder is causal and text
     RoPE ids are 0); without it the same change moves the images. The run option reaches the
-    model config of every preset."""
+    model config (off by default; on for the muddit_512 preset when set)."""
     import dataclasses
 
     from muddit_jax.pipeline import MudditPipeline

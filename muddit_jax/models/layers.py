@@ -207,9 +207,9 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention on ``[b, l, heads, head_dim]`` (``jax.nn.dot_product_attention``);
     ``bias`` (additive) and ``mask`` (boolean, True = attend) broadcast to ``[b, heads, q, k]``.
-    ``implementation``: ``None`` lets JAX pick
-    (XLA on CPU/TPU), ``"xla"`` forces the XLA einsum path, ``"cudnn"`` the cuDNN fused (flash)
-    kernel on NVIDIA GPUs (fp16/bf16 only; raises where unsupported)."""
+    ``implementation``: ``None`` lets JAX pick (XLA on CPU/TPU), ``"xla"`` forces the XLA einsum
+    path, ``"cudnn"`` the cuDNN fused (flash) kernel on NVIDIA GPUs (fp16/bf16 only; raises where
+    unsupported)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}")
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,

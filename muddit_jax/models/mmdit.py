@@ -78,9 +78,8 @@ class MMDiTConfig:
     up-sampling (``up_convnext_{i}``): local, translation-equivariant features of code
     neighbourhoods that the attention blocks otherwise have to build from RoPE scores.
     ``text_registers`` (not upstream: 0) appends that many learned tokens to the text stream
-    (``text_registers [n, inner_dim]``, text RoPE ids 0): always visible, never targets, no
-    text logits; attention slots the other positions can write image features to and read
-    them from (BENCHMARKS.md §1.23).
+    (``text_registers [n, inner_dim]``, text RoPE ids 0): always visible and attention keys,
+    never targets, no text logits (BENCHMARKS.md §1.23).
     """
 
     patch_size: int = 1
