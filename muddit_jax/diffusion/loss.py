@@ -139,12 +139,17 @@ def _masked_ce(logits: Array, targets: Array, mask: Array, weight: Array | None 
     return ce_sum, n_correct
 
 
+def _count_weight(n_masked: Array, n_maskable: Array | int) -> Array:
+    """The ``count`` weight ``n_maskable / n_masked`` (the realised mask fraction's inverse)."""
+    return n_maskable / jnp.maximum(n_masked, 1).astype(jnp.float32)
+
+
 def _weight(u: Array, r: Array, n_masked: Array, n_maskable: Array | int, schedule: Schedule,
             config: LossConfig) -> Array:
     """Per-example weight multiplying the length-normalised CE: ``[b]``. ``n_masked [b]``: the
     positions masked in each row; ``n_maskable`` (``[b]`` or a scalar): those that could be."""
     if config.weighting == "count":
-        return n_maskable / jnp.maximum(n_masked, 1).astype(jnp.float32)
+        return _count_weight(n_masked, n_maskable)
     if config.weighting == "muddit":
         return 1.0 / jnp.maximum(r, config.ratio_floor)
     # Exact NELBO weight at the time of the (possibly clipped) ratio; equals the sampled time
@@ -166,11 +171,9 @@ def _text_mask(rng: Array, maskable: Array, text_valid: Array, ratio: Array,
     if config.weighting != "count":
         return answer_mask | pad_mask, None
 
-    def count_weight(region: Array, mask: Array) -> Array:
-        return (region.sum(-1) / jnp.maximum(mask.sum(-1), 1))[:, None].astype(jnp.float32)
-
-    weight = jnp.where(text_valid, count_weight(answer, answer_mask),
-                       count_weight(pad, pad_mask))
+    weight = jnp.where(text_valid,
+                       _count_weight(answer_mask.sum(-1), answer.sum(-1))[:, None],
+                       _count_weight(pad_mask.sum(-1), pad.sum(-1))[:, None])
     return answer_mask | pad_mask, weight
 
 
