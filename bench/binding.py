@@ -26,8 +26,9 @@ BENCHMARKS.md §1.2.
 original toy and then with one step toward the shapes run at a time (:class:`Toy`: objects
 several codes wide, with the MM-DiT's down-sampling on a twice finer grid, several code ids per
 colour, 32 text positions with and without the padding as targets, and with the padding
-masked apart from the answer (``loss.text_pad_masking="separate"``), the shapes depth), to find
-which of them holds ``bind`` back (BENCHMARKS.md §1.21, §1.22).
+masked apart from the answer (``loss.text_pad_masking="separate"``) or weighted 0.1
+(``loss.text_pad_weight``), the shapes depth), to find which of them holds ``bind`` back
+(BENCHMARKS.md §1.21, §1.22, §1.24).
 
 ``python -m bench.binding [--smoke] [--bridge] [--steps N] [--grid G] [--seed S] [--json PATH]``
 """
@@ -67,6 +68,7 @@ class Toy:
     length: int = LENGTH  # text positions (shapes: 32)
     pad_targets: bool = False  # padding after the answer is masked and scored (shapes' default)
     separate_pads: bool = False  # with pad_targets: loss.text_pad_masking="separate"
+    pad_weight: float = 1.0  # with pad_targets: loss.text_pad_weight
     downsample: bool = False  # the MM-DiT's 2x down/up-sampling (shapes' default)
     deep: bool = False  # 2 + 4 MM-DiT blocks and a 2-layer text encoder (shapes' default)
 
@@ -144,7 +146,8 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
                         empty_text_ids=(BOS, EOS) + (0,) * (toy.length - 2), cond_dropout=0.0,
                         ratio_floor=ratio_floor, weighting=weighting,
                         text_pad_is_target=toy.pad_targets,
-                        text_pad_masking="separate" if toy.separate_pads else "joint")
+                        text_pad_masking="separate" if toy.separate_pads else "joint",
+                        text_pad_weight=toy.pad_weight)
     probe = make_batch(task, grid, rng, toy)
     params = net.init(jax.random.key(seed), probe["image_ids"], probe["text_ids"],
                       jnp.ones((BATCH,)), probe["micro_conds"])["params"]
@@ -249,7 +252,8 @@ def held_out_accuracy(correct: Any, task: str, grid: int, toy: Toy = Toy()) -> f
 # down-sampling doubles the code grid so that the blocks still see the same tokens
 BRIDGE = ((Toy(), 1), (Toy(objects=3), 1), (Toy(objects=6, downsample=True), 2),
           (Toy(codes=8), 1), (Toy(length=32), 1), (Toy(length=32, pad_targets=True), 1),
-          (Toy(length=32, pad_targets=True, separate_pads=True), 1), (Toy(deep=True), 1))
+          (Toy(length=32, pad_targets=True, separate_pads=True), 1),
+          (Toy(length=32, pad_targets=True, pad_weight=0.1), 1), (Toy(deep=True), 1))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

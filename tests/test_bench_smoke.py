@@ -182,16 +182,16 @@ def test_binding_bridge_batches_keep_the_ground_truth():
 
 def test_binding_bridge(tmp_path, monkeypatch):
     """``--bridge`` trains the count / no-spatial-RoPE ``bind`` row once per toy; one toy with
-    every step toward shapes at once (one compile) stands in for the eight."""
+    every step toward shapes at once (one compile) stands in for the nine."""
     from bench import binding
 
     assert [binding._changed(t) for t, _ in binding.BRIDGE] == [
         "original", "objects=3", "objects=6, downsample=True", "codes=8", "length=32",
         "length=32, pad_targets=True", "length=32, pad_targets=True, separate_pads=True",
-        "deep=True"]
-    assert [scale for _, scale in binding.BRIDGE] == [1, 1, 2, 1, 1, 1, 1, 1]
+        "length=32, pad_targets=True, pad_weight=0.1", "deep=True"]
+    assert [scale for _, scale in binding.BRIDGE] == [1, 1, 2, 1, 1, 1, 1, 1, 1]
     every = binding.Toy(objects=2, codes=2, length=12, pad_targets=True, separate_pads=True,
-                        downsample=True, deep=True)
+                        pad_weight=0.5, downsample=True, deep=True)
     monkeypatch.setattr(binding, "BRIDGE", ((every, 2),))
     (row,) = _rows(_run(binding, tmp_path, "--bridge", "--grid", "3"))
     assert row["grid"] == 6 and row["toy"] == binding._changed(every)

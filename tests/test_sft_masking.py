@@ -168,10 +168,14 @@ def test_separate_pad_masking_counts_each_stratum():
         np.testing.assert_array_equal((masked & pad).sum(-1), np.round(n_pad * r))
 
 
+@pytest.mark.parametrize("pad_weight", [1.0, 0.25])
+@pytest.mark.parametrize("masking", ["joint", "separate"])
 @pytest.mark.parametrize("weighting", ["count", "muddit"])
-def test_separate_pad_masking_loss_weighs_each_stratum(weighting: str):
-    """Count weights: each stratum's CE sum times its own ``n / k``; other weightings keep the
-    row weight. Checked against the loss recomputed from the inputs the model saw."""
+def test_text_loss_weighs_answer_and_padding(weighting: str, masking: str, pad_weight: float):
+    """Padding targets' CE is multiplied by ``text_pad_weight``. Count weights: the row's
+    ``n / k`` (joint), or each stratum's CE sum times its own ``n / k`` (separate); other
+    weightings keep the row weight. Checked against the loss recomputed from the inputs the
+    model saw."""
     batch = vqa_batch(5)
     pos = np.arange(L)[None, :]
     pad = pos > EOS_AT[:, None]
@@ -179,19 +183,31 @@ def test_separate_pad_masking_loss_weighs_each_stratum(weighting: str):
     logits = jax.random.normal(jax.random.PRNGKey(3), (B, L, V_TXT))
     ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
         logits, batch["text_ids"][..., None], -1)[..., 0])
-    kw = dict(text_pad_is_target=True, text_pad_masking="separate", weighting=weighting)
+    kw = dict(text_pad_is_target=True, text_pad_masking=masking, weighting=weighting,
+              text_pad_weight=pad_weight)
     for seed in range(6):
         txt_in, r = masked_inputs(batch, seed, **kw)
         masked = txt_in == TXT_MASK
         loss, _ = diffusion_loss(forward_fn=logits_forward, params=logits, batch=batch,
                                  rng=jax.random.PRNGKey(seed), config=config(**kw))
-        rows = []
-        for region in (answer, pad):
+        strata = (answer, pad) if masking == "separate" else (answer | pad,)
+        row = 0.0
+        for region in strata:
             k = (masked & region).sum(-1)
             w = region.sum(-1) / np.maximum(k, 1) if weighting == "count" else 1 / r
-            rows.append((ce * (masked & region)).sum(-1) * w)
-        expected = 0.6 * np.mean((rows[0] + rows[1]) / L)
-        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+            row = row + (ce * masked * region * np.where(pad, pad_weight, 1.0)).sum(-1) * w
+        np.testing.assert_allclose(float(loss), 0.6 * np.mean(row / L), rtol=1e-5)
+        if pad_weight != 1.0:  # the weight changes the loss, never the masks
+            same, _ = masked_inputs(batch, seed, **{**kw, "text_pad_weight": 1.0})
+            np.testing.assert_array_equal(same, txt_in)
+
+
+def test_text_pad_weight_is_validated():
+    with pytest.raises(ValueError, match="text_pad_is_target=True"):
+        config(text_pad_weight=0.1)
+    with pytest.raises(ValueError, match="text_pad_weight=-1"):
+        config(text_pad_is_target=True, text_pad_weight=-1.0)
+    assert config(text_pad_is_target=True, text_pad_weight=0.0).text_pad_weight == 0.0
 
 
 def test_separate_pad_masking_needs_padding_targets():

@@ -74,6 +74,11 @@ class LossConfig:
         r))`` answer positions and ``round(n_pad * r)`` padding positions. Every position is
         still masked with probability about ``r``; only the count per stratum is fixed.
         ``weighting="count"`` weighs each stratum by its own ``n / k``. See BENCHMARKS §1.22.
+      text_pad_weight: with ``text_pad_is_target``, the factor on each masked padding position's
+        cross-entropy (upstream 1: every target alike). The padding only tells where the text
+        ends, yet its many easy targets can swamp the one answer token they share a row with
+        (BENCHMARKS §1.24); a factor below 1 keeps the padding a target (texts still end) with a
+        smaller share of the gradient.
       ratio_floor: floor of ``r`` in the weights (upstream ``clamp(min=1e-3)``).
       t2i_fraction: ``mode="split"``: the first ``b * t2i_fraction`` rows are T2I (upstream:
         half); must give a whole number of rows. A mixture puts its caption rows first
@@ -92,6 +97,7 @@ class LossConfig:
     text_pad_is_target: bool = False
     text_pad_masking: str = "joint"
     answer_padding_visible: bool = False
+    text_pad_weight: float = 1.0
     ratio_floor: float = 1e-3
     t2i_fraction: float = 0.5
 
@@ -112,6 +118,12 @@ class LossConfig:
             raise ValueError("text_pad_masking='separate' draws the padding apart from the "
                              "answer, so it needs text_pad_is_target=True (without it the "
                              "padding is never masked); set one or use 'joint'")
+        if self.text_pad_weight < 0:
+            raise ValueError(f"text_pad_weight={self.text_pad_weight} must be >= 0 (1 = upstream)")
+        if self.text_pad_weight != 1.0 and not self.text_pad_is_target:
+            raise ValueError(f"text_pad_weight={self.text_pad_weight} weighs padding targets, but "
+                             "text_pad_is_target=False makes none; set text_pad_is_target=True "
+                             "or leave text_pad_weight at 1")
         get_schedule(self.schedule)
 
 
@@ -175,6 +187,14 @@ def _text_mask(rng: Array, maskable: Array, text_valid: Array, ratio: Array,
                        _count_weight(answer_mask.sum(-1), answer.sum(-1))[:, None],
                        _count_weight(pad_mask.sum(-1), pad.sum(-1))[:, None])
     return answer_mask | pad_mask, weight
+
+
+def _pad_weighted(weight: Array | None, text_valid: Array, config: LossConfig) -> Array | None:
+    """``weight`` (``None`` = 1) times ``text_pad_weight`` at the padding positions."""
+    if config.text_pad_weight == 1.0:
+        return weight
+    pad = jnp.where(text_valid, 1.0, config.text_pad_weight)
+    return pad if weight is None else weight * pad
 
 
 def _masked_mean(x: Array, rows: Array) -> Array:
@@ -282,7 +302,8 @@ def diffusion_loss(
                              "loss.t2i_fraction=1")
         txt_ce, txt_correct = jnp.zeros((b,)), jnp.zeros((b, l), bool)
     else:
-        txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask, txt_weight)
+        txt_ce, txt_correct = _masked_ce(text_logits, text_ids, txt_mask,
+                                         _pad_weighted(txt_weight, text_valid, config))
     img_loss_i = img_ce / (h * w) * _weight(u_img, r_img, img_mask.sum((1, 2)), h * w,
                                             schedule, config)
     txt_loss_i = txt_ce / l
