@@ -75,10 +75,9 @@ class LossConfig:
         still masked with probability about ``r``; only the count per stratum is fixed.
         ``weighting="count"`` weighs each stratum by its own ``n / k``. See BENCHMARKS §1.22.
       text_pad_weight: with ``text_pad_is_target``, the factor on each masked padding position's
-        cross-entropy (upstream 1: every target alike). The padding only tells where the text
-        ends, yet its many easy targets can swamp the one answer token they share a row with
-        (BENCHMARKS §1.24); a factor below 1 keeps the padding a target (texts still end) with a
-        smaller share of the gradient.
+        cross-entropy (upstream 1: every target alike); the masks do not change. Below 1 the
+        padding stays a target (texts still end) with a smaller share of the gradient: 0.1 freed
+        the binding toy's answers, not the ``shapes`` run's (BENCHMARKS §1.24).
       ratio_floor: floor of ``r`` in the weights (upstream ``clamp(min=1e-3)``).
       t2i_fraction: ``mode="split"``: the first ``b * t2i_fraction`` rows are T2I (upstream:
         half); must give a whole number of rows. A mixture puts its caption rows first
