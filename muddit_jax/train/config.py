@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
         # learn to end); decode answers with eval.answer_max_tokens (BENCHMARKS §1.22)
         answer_padding_visible=False,
         # factor on each padding target's CE (upstream 1); 0.1 with text_pad_masking="separate"
-        # let the shapes exists answers read the image and end (BENCHMARKS §1.24)
+        # let the shapes exists answers read the image in one seed of two (BENCHMARKS §1.24)
         text_pad_weight=1.0,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
