@@ -202,6 +202,39 @@ def test_text_loss_weighs_answer_and_padding(weighting: str, masking: str, pad_w
             np.testing.assert_array_equal(same, txt_in)
 
 
+def test_answer_metrics_score_only_the_question_rows_answers():
+    """``answer_ce``/``answer_acc`` average the masked answer words and eos of the rows with a
+    question; caption rows, padding and question tokens never count."""
+    batch = dict(vqa_batch(7))
+    caption_row = 3
+    batch["text_maskable"] = batch["text_maskable"].at[caption_row].set(True)
+    pos = np.arange(L)[None, :]
+    answer = (pos >= QUESTION_END[:, None]) & (pos <= EOS_AT[:, None])
+    answer[caption_row] = False
+    logits = jax.random.normal(jax.random.PRNGKey(4), (B, L, V_TXT))
+    # make half of the question rows' answers right, so the accuracy is neither 0 nor 1
+    logits = jnp.where(jnp.asarray(pos % 2 == 0)[..., None],
+                       logits + 9.0 * jax.nn.one_hot(batch["text_ids"], V_TXT), logits)
+    ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, batch["text_ids"][..., None], -1)[..., 0])
+    right = np.asarray(jnp.argmax(logits, -1) == batch["text_ids"])
+    kw = dict(text_pad_is_target=True)
+    accs = []
+    for seed in range(6):
+        txt_in, _ = masked_inputs(batch, seed, **kw)
+        scored = (txt_in == TXT_MASK) & answer
+        _, m = diffusion_loss(forward_fn=logits_forward, params=logits, batch=batch,
+                              rng=jax.random.PRNGKey(seed), config=config(**kw))
+        np.testing.assert_allclose(float(m["answer_ce"]), ce[scored].mean(), rtol=1e-5)
+        np.testing.assert_allclose(float(m["answer_acc"]), right[scored].mean(), rtol=1e-6)
+        accs.append(float(m["answer_acc"]))
+    assert 0.0 < min(accs) < 1.0 or 0.0 < max(accs) < 1.0
+    _, m = diffusion_loss(forward_fn=logits_forward, params=logits,
+                          batch={k: v for k, v in batch.items() if k != "text_maskable"},
+                          rng=jax.random.PRNGKey(0), config=config(**kw))
+    assert "answer_ce" not in m and "answer_acc" not in m  # captions only: no answers
+
+
 def test_text_pad_weight_is_validated():
     with pytest.raises(ValueError, match="text_pad_is_target=True"):
         config(text_pad_weight=0.1)

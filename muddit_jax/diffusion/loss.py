@@ -241,7 +241,8 @@ def diffusion_loss(
     ``loss_m`` is averaged over the rows where modality ``m`` is generated, and
     ``loss = image_loss + text_loss_weight * text_loss``. Metrics (scalars): ``loss``,
     ``image_loss``, ``text_loss``, ``image_acc``/``text_acc`` (argmax accuracy over masked tokens),
-    ``image_mask_ratio``/``text_mask_ratio`` (mean ``r`` over the generating rows).
+    ``image_mask_ratio``/``text_mask_ratio`` (mean ``r`` over the generating rows); with
+    ``text_maskable``, ``answer_ce``/``answer_acc`` of the question rows (:func:`_answer_metrics`).
     """
     image_ids = jnp.asarray(batch["image_ids"], jnp.int32)
     text_ids = jnp.asarray(batch["text_ids"], jnp.int32)
@@ -323,7 +324,22 @@ def diffusion_loss(
         "image_mask_ratio": _masked_mean(r_img, img_rows),
         "text_mask_ratio": _masked_mean(r_txt, txt_rows),
     }
+    if answer is not None and text_logits is not None:
+        metrics.update(_answer_metrics(text_logits, text_ids, txt_mask, answer, text_valid))
     return loss, metrics
+
+
+def _answer_metrics(text_logits: Array, text_ids: Array, txt_mask: Array, answer: Array,
+                    text_valid: Array) -> dict[str, Array]:
+    """``answer_ce`` (mean nats, unweighted) and ``answer_acc`` over the masked answer tokens
+    (answer words and eos, no padding) of the rows with a question, apart from the captions'.
+
+    A row has a question when its bos lies outside the answer region (caption rows' region is
+    the whole row). 0 when a batch masks no such token."""
+    tokens = txt_mask & answer & text_valid & ~answer[:, :1]
+    ce_sum, n_correct = _masked_ce(text_logits, text_ids, tokens)
+    n = jnp.maximum(tokens.sum(), 1).astype(jnp.float32)
+    return {"answer_ce": ce_sum.sum() / n, "answer_acc": n_correct.sum() / n}
 
 
 def make_loss_fn(
