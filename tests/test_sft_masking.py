@@ -84,7 +84,8 @@ def test_question_never_masked_and_counts_follow_the_formula(pad_is_target: bool
         masked = txt_in == TXT_MASK
         assert not (masked & question).any()
         np.testing.assert_array_equal(txt_in[question], np.asarray(batch["text_ids"])[question])
-        expected = np.minimum(answer_len, np.maximum(1, np.round(answer_len * r.astype(np.float32))))
+        n_drawn = np.round(answer_len * r.astype(np.float32))
+        expected = np.minimum(answer_len, np.maximum(1, n_drawn))
         np.testing.assert_array_equal(masked.sum(-1), expected)
         pad_hits += int((masked & pad).sum())
     assert (pad_hits > 0) == pad_is_target
