@@ -49,6 +49,12 @@ def logits_forward(params, image_ids, text_ids, timestep, micro_conds):
     return jnp.zeros((b, H, W, V_IMG)), params + 0.0 * text_ids[..., None]
 
 
+def token_ce(logits, ids) -> np.ndarray:
+    """Each position's cross-entropy ``[b, l]``, recomputed outside the loss."""
+    picked = jnp.take_along_axis(logits, ids[..., None], -1)[..., 0]
+    return np.asarray(jax.nn.logsumexp(logits, -1) - picked)
+
+
 def masked_inputs(batch, seed: int, **kw) -> tuple[np.ndarray, np.ndarray]:
     """``(text input [b, l], timestep [b])`` the forward saw."""
     seen = {}
@@ -182,8 +188,7 @@ def test_text_loss_weighs_answer_and_padding(weighting: str, masking: str, pad_w
     pad = pos > EOS_AT[:, None]
     answer = (pos >= QUESTION_END[:, None]) & ~pad
     logits = jax.random.normal(jax.random.PRNGKey(3), (B, L, V_TXT))
-    ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, batch["text_ids"][..., None], -1)[..., 0])
+    ce = token_ce(logits, batch["text_ids"])
     kw = dict(text_pad_is_target=True, text_pad_masking=masking, weighting=weighting,
               text_pad_weight=pad_weight)
     for seed in range(6):
@@ -216,8 +221,7 @@ def test_answer_metrics_score_only_the_question_rows_answers():
     # make half of the question rows' answers right, so the accuracy is neither 0 nor 1
     logits = jnp.where(jnp.asarray(pos % 2 == 0)[..., None],
                        logits + 9.0 * jax.nn.one_hot(batch["text_ids"], V_TXT), logits)
-    ce = np.asarray(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, batch["text_ids"][..., None], -1)[..., 0])
+    ce = token_ce(logits, batch["text_ids"])
     right = np.asarray(jnp.argmax(logits, -1) == batch["text_ids"])
     kw = dict(text_pad_is_target=True)
     accs = []

@@ -93,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
         # VQA rows keep their padding visible even when text_pad_is_target (captions still
         # learn to end); decode answers with eval.answer_max_tokens (BENCHMARKS §1.22)
         answer_padding_visible=False,
-        # factor on each padding target's CE (upstream 1); 0.1 with text_pad_masking="separate"
-        # let the shapes exists answers read the image in one seed of two (BENCHMARKS §1.24)
+        # factor on each padding target's CE (upstream 1); with text_pad_masking="separate" the
+        # shapes exists answers bind in 1 of 3 seeds at 0.1, 2 of 4 at 1 (BENCHMARKS §1.25)
         text_pad_weight=1.0,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
