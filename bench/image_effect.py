@@ -11,7 +11,7 @@ alone: on a memorised run that is recall of the training questions, not reading 
 §1.13).
 
 ``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]
-[--padding masked|visible]``
+[--padding masked|visible] [--step N]``
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: 
             np.stack(padding))
 
 
-def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "masked"
-            ) -> list[dict[str, Any]]:
+def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "masked",
+            step: int | None = None) -> list[dict[str, Any]]:
     """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
     images are rolled for the other-image score (0 scores the own image twice); ``padding``:
-    ``masked`` (as the sampler starts) or ``visible``."""
+    ``masked`` (as the sampler starts) or ``visible``; ``step``: the checkpoint (latest: None)."""
     if padding not in PADDING:
         raise ValueError(f"padding={padding!r}: use one of {PADDING}")
-    _, pipe, options = shapes_run.load(workdir, "the questions")
+    _, pipe, options = shapes_run.load(workdir, "the questions", step)
     if pipe.config.mmdit.tokenizer_vocab_size is None:
         raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
     tok = pipe.tokenizer
@@ -110,11 +110,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--split", default="test")
     p.add_argument("--padding", choices=PADDING, default="masked",
                    help="the padding after the answer: masked as the sampler starts, or visible")
+    p.add_argument("--step", type=int, default=None,
+                   help="score this checkpoint (default: the latest); keep several with "
+                        "--config.checkpoint.keep=N to follow a run")
     args = p.parse_args(argv)
     if args.scenes < 2:
         p.error(f"--scenes {args.scenes}: need at least 2 (the other image is another scene's)")
     rows = measure(args.workdir, 8 if args.smoke else args.scenes, args.split,
-                   padding=args.padding)
+                   padding=args.padding, step=args.step)
     return common.finish("image_effect", args, {f"answers on {args.split}, own vs other image":
                                                 (rows, None)})
 

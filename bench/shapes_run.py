@@ -13,12 +13,14 @@ from muddit_jax.data import shapes
 from muddit_jax.models import vq
 
 
-def load(workdir: Path, needs: str) -> tuple[Any, Any, shapes.ShapesConfig]:
-    """``(saved config, MudditPipeline, ShapesConfig)`` of the run in ``workdir``; a run not
-    trained on ``shapes`` fails naming ``needs`` (what the benchmark reads from the dataset)."""
+def load(workdir: Path, needs: str, step: int | None = None
+         ) -> tuple[Any, Any, shapes.ShapesConfig]:
+    """``(saved config, MudditPipeline, ShapesConfig)`` of the run in ``workdir`` at checkpoint
+    ``step`` (the latest by default); a run not trained on ``shapes`` fails naming ``needs``
+    (what the benchmark reads from the dataset)."""
     from muddit_jax.eval.job import pipeline_from_workdir
 
-    config, pipe = pipeline_from_workdir(workdir)
+    config, pipe = pipeline_from_workdir(workdir, step)
     if config.data.dataset != "shapes":
         raise ValueError(f"data.dataset={config.data.dataset!r}: this benchmark needs {needs} "
                          "of 'shapes'; point --workdir at a run trained on shapes")

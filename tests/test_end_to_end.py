@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -191,6 +192,14 @@ def test_image_effect_reads_the_run(run, tmp_path) -> None:
     visible = image_effect.measure(workdir, 4, "test", shift=0, padding="visible")
     assert [r["questions"] for r in visible] == [r["questions"] for r in same]
     assert any(r["ce"] != s["ce"] for r, s in zip(visible, same))  # the padding is an input
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) >= 2
+    earlier = image_effect.measure(workdir, 4, "test", shift=0, step=steps[0])
+    latest = image_effect.measure(workdir, 4, "test", shift=0, step=steps[-1])
+    assert latest == same and earlier != same  # --step picks the checkpoint scored
+    kept = re.escape(f"(have {steps})")
+    with pytest.raises(FileNotFoundError, match=rf"step {steps[-1] + 1} not in .*{kept}"):
+        image_effect.measure(workdir, 4, "test", step=steps[-1] + 1)
     with pytest.raises(SystemExit):
         image_effect.main(["--workdir", str(workdir), "--scenes", "1"])
 

@@ -90,10 +90,13 @@ class Checkpointer:
 
     def saved_config(self, step: int | None = None) -> tuple[int, dict[str, Any]] | None:
         """``(step, config)`` saved with ``step`` (default: latest), without reading the state;
-        ``None`` if there is no checkpoint."""
+        ``None`` if there is no checkpoint; a ``step`` not kept fails naming the kept ones."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
+        if step not in self.manager.all_steps():
+            raise FileNotFoundError(f"step {step} not in {self.manager.directory} (have "
+                                    f"{sorted(self.manager.all_steps())}); pick one of those")
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return step, dict(out.config or {})
 
