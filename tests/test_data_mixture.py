@@ -18,7 +18,7 @@ from muddit_jax.data.mixture import (
     row_counts,
 )
 from muddit_jax.train.config import base_config
-from muddit_jax.train.data import dataset_factory, mixture_config
+from muddit_jax.train.data import data_seed, dataset_factory, mixture_config
 
 SHAPES = {"num_train": 24, "num_validation": 4, "num_test": 4}
 B = 8
@@ -154,6 +154,25 @@ def test_trainer_factory(env):
         dataset_factory(c, 8)
     c.data.mixture = {}
     with pytest.raises(ValueError, match="needs data.mixture"):
+        dataset_factory(c, 8)
+
+
+def test_data_seed_sets_the_batches_apart_from_the_run_seed(env):
+    """``data.seed`` draws the batches whatever the run's ``seed`` (which keeps the init); -1
+    falls back to the run's seed; below -1 fails naming the field."""
+    mix, tok, data_dir, spec, tok_path = env
+    c = trainer_config(spec, data_dir, tok_path, t2i_fraction=0.25)
+    c.seed, c.data.seed = 9, 5
+    assert data_seed(c) == 5
+    with dataset_factory(c, 8)(slice(0, B)) as it:
+        batch = next(it)
+    assert_same([batch], take(mix, tok, 1, rows=slice(0, B)))  # the env's mixture has seed 5
+    c.data.seed = -1
+    assert data_seed(c) == 9
+    with dataset_factory(c, 8)(slice(0, B)) as it:
+        assert not np.array_equal(next(it)["text_ids"], batch["text_ids"])
+    c.data.seed = -2
+    with pytest.raises(ValueError, match=r"data.seed=-2: use -1"):
         dataset_factory(c, 8)
 
 

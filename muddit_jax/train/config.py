@@ -124,6 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
         # prefetch threads, examples prefetched, grain worker processes (0 = in this process).
         # None of them changes the batches; a checkpoint resumes only with the same `workers`
         read_threads=4, prefetch=64, workers=0,
+        # the batches' order and draws (shuffle, caption / question picked, per-source seeds of
+        # a mixture); -1 = the run's `seed`, which also draws the init and the masks, so another
+        # value keeps the init and changes only the data (or the reverse)
+        seed=-1,
     )
     c.eval = dict(
         tasks="caption,vqa,t2i",  # evaluators run by muddit-eval / every `every` train steps

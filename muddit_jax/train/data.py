@@ -25,6 +25,14 @@ def image_size(config: ml_collections.ConfigDict, vq_factor: int) -> int:
     return int(config.data.grid) * vq_factor
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the batches' order and draws: ``data.seed``, or the run's ``seed`` at -1."""
+    seed = int(config.data.get("seed", -1))
+    if seed < -1:
+        raise ValueError(f"data.seed={seed}: use -1 (the run's seed) or a seed >= 0")
+    return int(config.seed) if seed == -1 else seed
+
+
 def dataset_factory(
     config: ml_collections.ConfigDict, vq_factor: int
 ) -> Callable[[slice], Any] | None:
@@ -32,6 +40,7 @@ def dataset_factory(
     d = config.data
     if d.kind not in KINDS:
         raise ValueError(f"data.kind={d.kind!r}: use one of {KINDS}")
+    data_seed(config)  # a bad data.seed fails here, before anything is built
     if d.kind == "synthetic":
         return None
     if not d.tokenizer:
@@ -51,7 +60,7 @@ def dataset_factory(
         dataset=d.dataset, split=d.split, data_dir=d.data_dir or None,
         options=dict(d.options), resolution=image_size(config, vq_factor),
         text_length=d.text_length, global_batch_size=d.global_batch, task=d.task,
-        seed=config.seed, resolution_multiple=vq_factor, **throughput(config),
+        seed=data_seed(config), resolution_multiple=vq_factor, **throughput(config),
     )
     return lambda rows: make_iterator(data_config, tokenizer, rows=rows)
 
@@ -76,7 +85,7 @@ def mixture_config(config: ml_collections.ConfigDict, vq_factor: int) -> Any:
     mix = MixtureConfig.from_dict(
         d.mixture, d.global_batch, split=d.split, data_dir=d.data_dir or None,
         resolution=image_size(config, vq_factor), text_length=d.text_length,
-        seed=config.seed, resolution_multiple=vq_factor, **throughput(config),
+        seed=data_seed(config), resolution_multiple=vq_factor, **throughput(config),
     )
     if mix.has_vqa != bool(d.text_maskable):
         raise ValueError(f"data.text_maskable must be {mix.has_vqa}: True exactly when a "

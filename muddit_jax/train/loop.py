@@ -30,7 +30,7 @@ from muddit_jax.parallel.sharding import host_rows
 from muddit_jax.train.checkpoint import Checkpointer
 from muddit_jax.train.codes_stage import pretokenize_sources
 from muddit_jax.train.artifacts import run_artifacts
-from muddit_jax.train.data import dataset_factory
+from muddit_jax.train.data import data_seed, dataset_factory
 from muddit_jax.train.flops import train_step_flops
 from muddit_jax.train.metrics import MetricWriter, Throughput, peak_flops, progress_line
 from muddit_jax.train.run import build_run, init_state
@@ -158,7 +158,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
             raise ValueError(f"data.kind={config.data.kind!r} is not 'synthetic' or 'dataset'")
         data = SyntheticData(
             model, global_batch=config.data.global_batch, grid=config.data.grid,
-            text_length=config.data.text_length, seed=config.seed, images=config.data.images,
+            text_length=config.data.text_length, seed=data_seed(config), images=config.data.images,
             rows=rows,
         )
     ckpt = Checkpointer(config.checkpoint.dir or workdir / "checkpoints",
