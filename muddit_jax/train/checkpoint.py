@@ -94,9 +94,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        if step not in self.manager.all_steps():
-            raise FileNotFoundError(f"step {step} not in {self.manager.directory} (have "
-                                    f"{sorted(self.manager.all_steps())}); pick one of those")
+        _step_dir(as_path(self.manager.directory), step)  # a step not kept fails naming them
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return step, dict(out.config or {})
 

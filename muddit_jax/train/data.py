@@ -40,7 +40,6 @@ def dataset_factory(
     d = config.data
     if d.kind not in KINDS:
         raise ValueError(f"data.kind={d.kind!r}: use one of {KINDS}")
-    data_seed(config)  # a bad data.seed fails here, before anything is built
     if d.kind == "synthetic":
         return None
     if not d.tokenizer:
