@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -187,6 +188,32 @@ def test_load_params_from_converted_folder(tmp_path) -> None:
     c = C.base_config()
     c.model.preset, c.train.init_from = "pretrained", str(dst)
     assert C.model_config(c) == cfg
+
+
+def test_step_seed_draws_the_steps_apart_from_the_init(tmp_path) -> None:
+    """``train.step_seed`` sets the steps' base key (masks, dropout) and keeps ``seed``'s params;
+    -1 falls back to ``seed``; below -1 fails naming the field."""
+    from muddit_jax.train.checkpoint import Checkpointer
+    from muddit_jax.train.run import build_run, init_state
+    from tests.train_runner import _config
+
+    def start(seed: int, step_seed: int) -> Any:
+        c = _config()
+        c.seed, c.train.step_seed = seed, step_seed
+        run = build_run(c)
+        state, resumed = init_state(run, Checkpointer(tmp_path / f"{seed}_{step_seed}"), None)
+        assert not resumed
+        return jax.device_get(state)
+
+    base, mixed, other = start(0, -1), start(0, 3), start(3, -1)
+    same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+    same(mixed.params, base.params)
+    np.testing.assert_array_equal(mixed.rng, other.rng)
+    assert not np.array_equal(mixed.rng, base.rng)
+    assert not np.array_equal(np.asarray(jax.tree.leaves(other.params)[0]),
+                              np.asarray(jax.tree.leaves(base.params)[0]))
+    with pytest.raises(ValueError, match=r"train.step_seed=-2: use -1"):
+        start(0, -2)
 
 
 def test_cli_requires_config_and_workdir(capsys) -> None:

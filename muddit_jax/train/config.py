@@ -172,6 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
         max_nonfinite=5,  # stop after this many non-finite steps in a row
         init_from="",  # muddit-convert folder or a training checkpoint dir (params only)
         vq_from="",  # VQ params from a checkpoint dir; "auto" = WORKDIR/vq/checkpoints (stage 1)
+        # the training step's draws (mask ratios and positions, condition dropout); -1 = the
+        # run's `seed`, which also draws the init, so another value keeps the init and changes
+        # only these draws (or the reverse). A resumed run keeps its saved key
+        step_seed=-1,
     )
     c.vq = dict(  # stage 1: train the VQ tokenizer (muddit_jax/train/vq_stage.py)
         steps=0,  # 0 = no VQ stage (the VQ comes from train.vq_from / train.init_from)
@@ -200,6 +204,15 @@ def base_config() -> ml_collections.ConfigDict:
         mode="auto", coordinator_address="", num_processes=0, process_id=-1, local_device_ids=""
     )
     return c
+
+
+def sub_seed(c: ml_collections.ConfigDict, field: str) -> int:
+    """The seed at dotted ``field`` (e.g. ``"data.seed"``), or the run's ``seed`` where it is -1."""
+    section, name = field.split(".")
+    seed = int(c[section].get(name, -1))
+    if seed < -1:
+        raise ValueError(f"{field}={seed}: use -1 (the run's seed) or a seed >= 0")
+    return int(c.seed) if seed == -1 else seed
 
 
 def dtype(name: str) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from muddit_jax.train.config import sub_seed
+
 KINDS = ("synthetic", "dataset", "mixture")
 
 
@@ -27,10 +29,7 @@ def image_size(config: ml_collections.ConfigDict, vq_factor: int) -> int:
 
 def data_seed(config: ml_collections.ConfigDict) -> int:
     """The seed of the batches' order and draws: ``data.seed``, or the run's ``seed`` at -1."""
-    seed = int(config.data.get("seed", -1))
-    if seed < -1:
-        raise ValueError(f"data.seed={seed}: use -1 (the run's seed) or a seed >= 0")
-    return int(config.seed) if seed == -1 else seed
+    return sub_seed(config, "data.seed")
 
 
 def dataset_factory(

@@ -193,7 +193,10 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
         pretrained["vq"] = load_params(config.train.vq_from)["vq"]
-    return run.setup.init(config.seed, pretrained or None, edit=code_init_edit(config)), False
+    step_seed = C.sub_seed(config, "train.step_seed")
+    state = run.setup.init(config.seed, pretrained or None, edit=code_init_edit(config),
+                           step_seed=step_seed)
+    return state, False
 
 
 CODE_INITS = ("random", "codebook")

@@ -135,11 +135,15 @@ class StateSetup:
     _from_params: Callable[[dict[str, Any], jax.Array], TrainState]
 
     def init(self, seed: int, params: Mapping[str, Any] | None = None,
-             edit: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> TrainState:
+             edit: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             step_seed: int | None = None) -> TrainState:
         """Sharded random init; sub-models present in ``params`` (host or device arrays,
         unboxed) replace the random ones (e.g. pretrained text encoder / VQ / MM-DiT); then
-        ``edit(params) -> params`` (same tree and shapes) may rewrite the initial values."""
+        ``edit(params) -> params`` (same tree and shapes) may rewrite the initial values. The
+        steps' base key comes from ``step_seed`` (default ``seed``), the params' from ``seed``."""
         k_params, k_train = jax.random.split(jax.random.PRNGKey(seed))
+        if step_seed is not None and step_seed != seed:
+            k_train = jax.random.split(jax.random.PRNGKey(step_seed))[1]
         with sharding_context(self.mesh, self.rules):
             full = self._init_params(k_params)
             for name, sub in (params or {}).items():
