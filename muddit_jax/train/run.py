@@ -177,6 +177,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
 def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, bool]:
     """Restore the latest checkpoint onto ``run``'s mesh, else a sharded (pretrained) init."""
     config = run.config
+    step_seed = C.sub_seed(config, "train.step_seed")  # checked on resume too
     restored = ckpt.restore_or_none(run.setup.abstract)
     if restored is not None:
         data.set_state(restored.data_iter)
@@ -193,7 +194,6 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
         pretrained["vq"] = load_params(config.train.vq_from)["vq"]
-    step_seed = C.sub_seed(config, "train.step_seed")
     state = run.setup.init(config.seed, pretrained or None, edit=code_init_edit(config),
                            step_seed=step_seed)
     return state, False
