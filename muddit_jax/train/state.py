@@ -141,9 +141,8 @@ class StateSetup:
         unboxed) replace the random ones (e.g. pretrained text encoder / VQ / MM-DiT); then
         ``edit(params) -> params`` (same tree and shapes) may rewrite the initial values. The
         steps' base key comes from ``step_seed`` (default ``seed``), the params' from ``seed``."""
-        k_params, k_train = jax.random.split(jax.random.PRNGKey(seed))
-        if step_seed is not None and step_seed != seed:
-            k_train = jax.random.split(jax.random.PRNGKey(step_seed))[1]
+        k_params = jax.random.split(jax.random.PRNGKey(seed))[0]
+        k_train = jax.random.split(jax.random.PRNGKey(seed if step_seed is None else step_seed))[1]
         with sharding_context(self.mesh, self.rules):
             full = self._init_params(k_params)
             for name, sub in (params or {}).items():
