@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from muddit_jax.models.embeddings import (
+    apply_rope,
     per_head_rope,
     rope_cos_sin,
     rope_ids,
@@ -415,6 +416,75 @@ def test_rope_free_heads_option():
     c = C.base_config()
     c.model.rope_free_heads = 1
     assert C.model_config(c).mmdit.rope_free_heads == 1
+
+
+def test_rope_scope_image_rotates_only_image_pairs():
+    """``image_start`` rotates the image-image scores and no other: the attention equals an
+    explicit softmax whose scores are rotated where query and key are both image tokens and
+    unrotated elsewhere (per-head tables too), and differs from rotating every score."""
+    from muddit_jax.models.mmdit import Attention
+
+    n_txt, grid, heads, dim = 3, 3, 2, 16
+    x = jax.random.normal(jax.random.key(1), (2, n_txt + grid * grid, 32))
+    cos, sin = per_head_rope(*rope_cos_sin(rope_ids(n_txt, grid, grid), (4, 6, 6), 4.0),
+                             heads=heads, free=1)
+    scoped = Attention(heads, dim, image_start=n_txt)
+    params = scoped.init(jax.random.key(0), x, None, cos, sin)
+    p = nn.unbox(params)["params"]
+
+    def project(name: str, norm: str | None) -> jax.Array:
+        y = (x @ p[name]["kernel"] + p[name]["bias"]).reshape(*x.shape[:2], heads, dim)
+        if norm is None:
+            return y
+        return y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * p[norm]["scale"]
+
+    q, k, v = project("to_q", "norm_q"), project("to_k", "norm_k"), project("to_v", None)
+    rot = functools.partial(apply_rope, cos=jnp.asarray(cos), sin=jnp.asarray(sin))
+    image = jnp.arange(x.shape[1]) >= n_txt
+    pairs = image[:, None] & image[None, :]
+    scores = jnp.where(pairs, jnp.einsum("bqhd,bkhd->bhqk", rot(q), rot(k)),
+                       jnp.einsum("bqhd,bkhd->bhqk", q, k)) / np.sqrt(dim)
+    want = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+    got = scoped.apply(params, x, None, cos, sin)
+    assert_close(got, want.reshape(got.shape), 1e-5, "image-scoped RoPE attention")
+    every = Attention(heads, dim).apply(params, x, None, cos, sin)
+    assert float(jnp.abs(every - got).max()) > 1e-3
+
+
+def test_rope_scope_option():
+    """``rope_scope="image"`` through the model: without spatial channels it is the default
+    (nothing turns), with them it is neither the default nor position-free; under scan + remat
+    it gives the unrolled result; the key travels in the config dict only when set, is
+    validated, and the port refuses it."""
+    from muddit_jax.train import config as C
+
+    cfg = MMDiTConfig(**BASE)
+    x = {k: jnp.asarray(v) for k, v in _inputs(BASE).items()}
+    params = MMDiT(cfg).init(jax.random.key(0), *x.values())
+
+    def logits(c: MMDiTConfig) -> jax.Array:
+        return MMDiT(c).apply(params, **x)[0]
+
+    scoped = dataclasses.replace(cfg, rope_scope="image")
+    flat = dataclasses.replace(cfg, axes_dims_rope=(16, 0, 0))
+    assert_close(logits(dataclasses.replace(flat, rope_scope="image")), logits(flat), 1e-5,
+                 "no spatial channels: the scope changes nothing")
+    image_only = logits(scoped)
+    assert float(jnp.abs(image_only - logits(cfg)).max()) > 1e-3
+    assert float(jnp.abs(image_only - logits(flat)).max()) > 1e-3
+    scanned = {"params": stack_block_params(nn.unbox(params)["params"])}
+    assert_close(MMDiT(scoped, scan_layers=True, remat=True).apply(scanned, **x)[0], image_only,
+                 1e-5, "scanned image-scoped RoPE")
+
+    assert "rope_scope" not in cfg.to_hf_config()
+    assert MMDiTConfig.from_hf_config(scoped.to_hf_config()) == scoped
+    with pytest.raises(ValueError, match="rope_scope='text' must be one of"):
+        dataclasses.replace(cfg, rope_scope="text")
+    with pytest.raises(ValueError, match="only rope_scope='all' can be ported"):
+        key_map(scoped)
+    c = C.base_config()
+    c.model.rope_scope = "image"
+    assert C.model_config(c).mmdit.rope_scope == "image"
 
 
 def test_image_pos_embed_option():

@@ -43,6 +43,8 @@ ACT = ("act_batch", "act_len", "act_embed")
 NORM_EPS = 1e-6
 DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
 UPSTREAM_ROPE_THETA = 10000.0
+# which attention scores RoPE rotates: every pair (upstream) or image query x image key only
+ROPE_SCOPES = ("all", "image")
 
 
 def rope_axes_ok(axes: Sequence[Any], head_dim: int) -> bool:
@@ -69,6 +71,10 @@ class MMDiTConfig:
     ``rope_free_heads`` (not upstream: 0) leaves the last that many heads of every block
     unrotated: their scores compare content alone (a text query finds an image key wherever it
     is), while the other heads keep Flux's relative positions (BENCHMARKS.md §1.20).
+    ``rope_scope`` (not upstream: ``"all"``) ``"image"`` rotates only the scores of image
+    queries on image keys: every score with a text (or register) token compares content alone,
+    so image values need no position for the text to read them, while the image stream keeps
+    relative positions among its own tokens (BENCHMARKS.md §1.29).
     ``resample_levels`` (not upstream: 1) stacks that many 2x ``downsample`` / ``upsample``
     levels, so the blocks see ``4^levels`` times fewer image tokens (level 0 keeps upstream's
     ``down_block`` / ``up_block`` names, deeper ones are ``down_block_1``, ...).
@@ -102,6 +108,7 @@ class MMDiTConfig:
     rope_theta: float = UPSTREAM_ROPE_THETA
     image_pos_embed: bool = False
     rope_free_heads: int = 0
+    rope_scope: str = "all"
     resample_levels: int = 1
     conv_blocks: int = 0
     conv_kernel: int = 3
@@ -132,6 +139,9 @@ class MMDiTConfig:
         if not 0 <= self.rope_free_heads <= self.num_attention_heads:
             raise ValueError(f"rope_free_heads={self.rope_free_heads} must be in [0, "
                              f"num_attention_heads={self.num_attention_heads}] (upstream: 0)")
+        if self.rope_scope not in ROPE_SCOPES:
+            raise ValueError(f"rope_scope={self.rope_scope!r} must be one of {ROPE_SCOPES} "
+                             "(upstream: 'all')")
         if not self.rope_theta > 1.0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 1 (upstream: 10000)")
         if self.block_out_channels not in (None, self.inner_dim):
@@ -168,7 +178,8 @@ class MMDiTConfig:
         if not d["image_pos_embed"]:  # nor this one
             del d["image_pos_embed"]
         for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
-                              ("rope_free_heads", 0), ("text_registers", 0)):
+                              ("rope_free_heads", 0), ("text_registers", 0),
+                              ("rope_scope", "all")):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -241,6 +252,8 @@ class Attention(nn.Module):
     With ``context`` (dual-stream): ``(img, txt) -> (to_out(img part), to_add_out(txt part))``.
     Without (single-stream, ``pre_only``): ``x -> attention output [b, s, heads*head_dim]``.
     ``keys`` ``[b, 1, 1, s]`` bool (True = attend; ``None`` = all) masks joint-sequence keys.
+    ``image_start`` (``None`` = RoPE on every score, upstream) is where the image tokens begin
+    in the joint sequence: only image-image scores are then rotated (``rope_scope="image"``).
     """
 
     heads: int
@@ -249,6 +262,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    image_start: int | None = None
 
     def _qkv(self, x: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -275,10 +289,13 @@ class Attention(nn.Module):
             )
             qkv = [jnp.concatenate([c, i], axis=1) for c, i in zip(ctx, qkv, strict=True)]
         q, k, v = qkv
-        out = layers.attention(
-            apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask=keys,
-            implementation=self.attention_impl,
-        )
+        if self.image_start is None:
+            out = layers.attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
+                                   mask=keys, implementation=self.attention_impl)
+        else:
+            bias = _image_rope_bias(q, k, cos, sin, self.image_start)
+            out = layers.attention(q, k, v, bias=bias, mask=keys,
+                                   implementation=self.attention_impl)
         out = out.reshape(*out.shape[:2], self.heads * self.head_dim)
         if not self.context:
             return out
@@ -291,6 +308,19 @@ class Attention(nn.Module):
         return img, txt
 
 
+def _image_rope_bias(q: jax.Array, k: jax.Array, cos: jax.Array, sin: jax.Array,
+                     start: int) -> jax.Array:
+    """Additive score bias ``[b, heads, s, s]`` that turns the unrotated scores of image queries
+    on image keys (positions ``start:``) into rotated ones and leaves every other score as is."""
+    def scores(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.einsum("bqhd,bkhd->bhqk", a.astype(jnp.float32), b.astype(jnp.float32))
+
+    qi, ki = q[:, start:], k[:, start:]
+    rot = scores(apply_rope(qi, cos[start:], sin[start:]), apply_rope(ki, cos[start:], sin[start:]))
+    delta = (rot - scores(qi, ki)) / np.sqrt(q.shape[-1])
+    return jnp.pad(delta, ((0, 0), (0, 0), (start, 0), (start, 0))).astype(q.dtype)
+
+
 class DualStreamBlock(nn.Module):
     """Flux dual-stream (MM-DiT) block: ``((txt, img), temb, cos, sin, keys) -> ((txt, img),
     None)``."""
@@ -299,6 +329,7 @@ class DualStreamBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    image_start: int | None = None
 
     @nn.compact
     def __call__(
@@ -316,6 +347,7 @@ class DualStreamBlock(nn.Module):
             self.config.attention_head_dim,
             context=True,
             attention_impl=self.attention_impl,
+            image_start=self.image_start,
             name="attn",
             **kw,
         )(n_img, n_txt, cos, sin, keys)
@@ -339,6 +371,7 @@ class SingleStreamBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    image_start: int | None = None
 
     @nn.compact
     def __call__(
@@ -352,6 +385,7 @@ class SingleStreamBlock(nn.Module):
             self.config.num_attention_heads,
             self.config.attention_head_dim,
             attention_impl=self.attention_impl,
+            image_start=self.image_start,
             name="attn",
             **kw,
         )(h, None, cos, sin, keys)
@@ -506,7 +540,8 @@ class MMDiT(nn.Module):
     remat_policy: str | None = None
     attention_impl: str | None = None
 
-    def _blocks(self, cls: type[nn.Module], name: str, length: int, carry, *args):
+    def _blocks(self, cls: type[nn.Module], name: str, length: int, image_start: int, carry,
+                *args):
         if length == 0:
             return carry
         kw = dict(
@@ -514,6 +549,7 @@ class MMDiT(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attention_impl=self.attention_impl,
+            image_start=image_start if self.config.rope_scope == "image" else None,
         )
         if self.remat:
             policy = None
@@ -630,10 +666,11 @@ class MMDiT(nn.Module):
                 [text_keys.astype(bool), jnp.ones((b, n_seq - n_txt + img.shape[1]), bool)],
                 axis=1)[:, None, None, :]
         blocks = (temb, cos, sin, keys)
-        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, (txt, img), *blocks)
+        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, n_seq, (txt, img),
+                                *blocks)
         x = self._blocks(
-            SingleStreamBlock, SINGLE, cfg.num_single_layers, jnp.concatenate([txt, img], axis=1),
-            *blocks,
+            SingleStreamBlock, SINGLE, cfg.num_single_layers, n_seq,
+            jnp.concatenate([txt, img], axis=1), *blocks,
         )
         txt, img = x[:, :n_txt], x[:, n_seq:]
 

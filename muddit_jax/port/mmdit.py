@@ -100,6 +100,9 @@ def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     if cfg.rope_free_heads:
         raise ValueError(f"rope_free_heads={cfg.rope_free_heads}: upstream rotates every head; "
                          "only rope_free_heads=0 can be ported")
+    if cfg.rope_scope != "all":
+        raise ValueError(f"rope_scope={cfg.rope_scope!r}: upstream rotates every score; only "
+                         "rope_scope='all' can be ported")
     if cfg.text_registers:
         raise ValueError(f"text_registers={cfg.text_registers}: upstream has no register tokens; "
                          "only text_registers=0 can be ported")

@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: the last this many heads of every block are not rotated (content-only
         # scores; the others keep RoPE; BENCHMARKS.md §1.20)
         rope_free_heads=0,
+        # tiny only: "image" rotates only image-query x image-key scores; scores with a text
+        # token compare content alone ("all": every score, upstream; BENCHMARKS.md §1.29)
+        rope_scope="all",
         resample_levels=1,  # tiny only: 2x down/up-sampling levels when downsample (upstream 1)
         # tiny only: ConvNeXt blocks on the code grid before down- / after up-sampling
         # (amused's UViT blocks; upstream Muddit has none) and their depthwise kernel size
@@ -292,7 +295,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 downsample=bool(m.downsample), upsample=bool(m.downsample),
                 rope_theta=float(m.rope_theta), image_pos_embed=bool(m.image_pos_embed),
                 axes_dims_rope=_rope_axes(m, cfg.mmdit.axes_dims_rope),
-                rope_free_heads=int(m.rope_free_heads),
+                rope_free_heads=int(m.rope_free_heads), rope_scope=str(m.rope_scope),
                 resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
                 conv_kernel=int(m.conv_kernel), text_registers=int(m.text_registers),
             ),
