@@ -540,8 +540,8 @@ class MMDiT(nn.Module):
     remat_policy: str | None = None
     attention_impl: str | None = None
 
-    def _blocks(self, cls: type[nn.Module], name: str, length: int, image_start: int, carry,
-                *args):
+    def _blocks(self, cls: type[nn.Module], name: str, length: int, image_start: int | None,
+                carry, *args):
         if length == 0:
             return carry
         kw = dict(
@@ -549,7 +549,7 @@ class MMDiT(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attention_impl=self.attention_impl,
-            image_start=image_start if self.config.rope_scope == "image" else None,
+            image_start=image_start,
         )
         if self.remat:
             policy = None
@@ -666,10 +666,11 @@ class MMDiT(nn.Module):
                 [text_keys.astype(bool), jnp.ones((b, n_seq - n_txt + img.shape[1]), bool)],
                 axis=1)[:, None, None, :]
         blocks = (temb, cos, sin, keys)
-        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, n_seq, (txt, img),
+        image_start = n_seq if cfg.rope_scope == "image" else None  # None: rotate every score
+        txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, image_start, (txt, img),
                                 *blocks)
         x = self._blocks(
-            SingleStreamBlock, SINGLE, cfg.num_single_layers, n_seq,
+            SingleStreamBlock, SINGLE, cfg.num_single_layers, image_start,
             jnp.concatenate([txt, img], axis=1), *blocks,
         )
         txt, img = x[:, :n_txt], x[:, n_seq:]
