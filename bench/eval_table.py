@@ -25,12 +25,12 @@ DEFAULT_METRICS = ("vqa/vqa_accuracy", "vqa/question_type/*", "caption/cider_d",
 
 
 def evaluated_steps(workdir: Path, split: str) -> list[int]:
-    """Checkpoint steps of ``workdir`` with a summary on ``split``, ascending."""
+    """Checkpoint steps of ``workdir`` with a summary on ``split``, ascending (the folder names
+    are :func:`eval_dir`'s)."""
     steps = []
     for path in (workdir / "eval").glob("*/summary.json"):
-        name = path.parent.name
-        step, _, rest = name.partition("-")
-        if step.isdigit() and rest == ("" if split == "test" else split):
+        step = path.parent.name.partition("-")[0]
+        if step.isdigit() and eval_dir(workdir, int(step), split) == path.parent:
             steps.append(int(step))
     return sorted(steps)
 
@@ -67,7 +67,7 @@ def table(workdirs: list[Path], split: str = "test", step: int | None = None,
     """``(rows, columns)``: one row per run (``run``, ``step``, then the selected metrics
     rounded to 3 decimals)."""
     loaded = [(wd, *load_summary(wd, split, step)) for wd in workdirs]
-    available = sorted({m for _, _, scores in loaded for m in scores})
+    available = list({m for _, _, scores in loaded for m in scores})  # select() sorts
     columns = select(available, list(metrics or DEFAULT_METRICS))
     rows = []
     for wd, at, scores in loaded:
