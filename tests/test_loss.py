@@ -304,3 +304,37 @@ def test_config_is_hashable_static() -> None:
     cfg = config()
     assert hash(cfg) == hash(dataclasses.replace(cfg))
     assert cfg.min_mask_rate == 0.0 and cfg.text_loss_weight == 0.6
+
+
+def _grads(params, batch, metric="loss", **kw):
+    """Gradient of one metric of the split loss (the same masks for every ``kw``)."""
+    def f(p):
+        return diffusion_loss(forward_fn=ToyModel.forward, params=p, batch=batch,
+                              rng=jax.random.PRNGKey(5), config=config(**kw))[1][metric]
+    return jax.value_and_grad(f)(params)
+
+
+def test_t2i_stop_gradient_leaves_matched_params_to_the_other_rows() -> None:
+    batch, params = make_batch(2), ToyModel.init(jax.random.PRNGKey(1))
+    on = dict(text_loss_weight=1.0, t2i_stop_gradient="img_emb, txt_.*")
+    loss_on, g_on = _grads(params, batch, **on)
+    loss_off, g_off = _grads(params, batch, text_loss_weight=1.0)
+    _, g_text = _grads(params, batch, "text_loss", text_loss_weight=1.0)
+    assert_close(loss_on, loss_off, 1e-6)  # the same forward, split in two
+    # matched leaves learn from the captioning rows alone; the rest from every row, as before
+    for name in ("img_emb", "txt_emb", "txt_out"):
+        assert_close(g_on[name], g_text[name], 1e-6)
+    assert_close(g_on["img_out"], g_off["img_out"], 1e-6)
+    assert float(jnp.abs(g_off["img_emb"] - g_text["img_emb"]).max()) > 1e-4
+    assert float(jnp.abs(g_on["img_emb"]).max()) > 1e-4  # the text rows still reach it
+
+
+def test_t2i_stop_gradient_with_only_t2i_rows_and_bad_settings() -> None:
+    batch, params = make_batch(3), ToyModel.init(jax.random.PRNGKey(2))
+    _, g = _grads(params, batch, t2i_fraction=1.0, t2i_stop_gradient="img_emb")
+    assert float(jnp.abs(g["img_emb"]).max()) == 0.0
+    assert float(jnp.abs(g["img_out"]).max()) > 0.0
+    with pytest.raises(ValueError, match="loss.t2i_stop_gradient: 'mmdit/.*' matches no"):
+        _grads(params, batch, t2i_stop_gradient="mmdit/.*")
+    with pytest.raises(ValueError, match="needs mode='split'"):
+        config(mode="joint", t2i_stop_gradient="img_emb")

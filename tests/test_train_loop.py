@@ -263,3 +263,33 @@ def test_progress_line_shows_a_bar_rates_and_eta() -> None:
     assert line.startswith("step 25/100 [#####---------------]")
     assert "loss 2.5000" in line and "2.00 steps/s" in line and "1.5k tok/s" in line
     assert line.endswith("ETA 0:00:38") or line.endswith("ETA 0:00:37")
+
+
+def test_t2i_stop_gradient_on_the_real_model() -> None:
+    """``loss.t2i_stop_gradient`` names real parameter paths: with the text term weighted 0 the
+    matched dual-stream blocks get no gradient while the single-stream blocks do."""
+    from muddit_jax.train.config import loss_config
+    from muddit_jax.train.run import build_run
+    from muddit_jax.train.step import muddit_loss_fn
+    from muddit_jax.train.synthetic import SyntheticData
+    from tests.train_runner import _config
+
+    c = _config(loss=dict(text_loss_weight=0.0))
+    run = build_run(c)
+    state = jax.device_get(run.setup.init(c.seed))
+    batch = SyntheticData(run.model, global_batch=8, grid=4, text_length=8).global_batch_at(0)
+
+    def grads(patterns: str) -> dict[str, float]:
+        c.loss.t2i_stop_gradient = patterns
+        loss_fn = muddit_loss_fn(run.nets, loss_config(c, run.model))
+        g = jax.grad(lambda p: loss_fn(p, state.frozen, batch, jax.random.PRNGKey(0))[0])(
+            state.params)
+        return {k: float(sum(np.abs(x).sum() for x in jax.tree.leaves(v)))
+                for k, v in g["mmdit"].items()}
+
+    off, on = grads(""), grads("mmdit/transformer_blocks_.*")
+    dual = [k for k in off if k.startswith("transformer_blocks_")]
+    single = [k for k in off if k.startswith("single_transformer_blocks_")]
+    assert dual and single
+    assert all(off[k] > 0 and on[k] == 0 for k in dual)
+    assert all(on[k] > 0 and abs(on[k] - off[k]) <= 1e-4 * off[k] for k in single)

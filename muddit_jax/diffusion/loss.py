@@ -30,6 +30,7 @@ from muddit_jax.diffusion.masking import (
     text_targets,
 )
 from muddit_jax.diffusion.schedule import Schedule, get_schedule
+from muddit_jax.tree_paths import match_leaves
 
 Array = jax.Array
 ForwardFn = Callable[[Any, Array, Array, Array, Array], tuple[Array, Array]]
@@ -83,6 +84,12 @@ class LossConfig:
       t2i_fraction: ``mode="split"``: the first ``b * t2i_fraction`` rows are T2I (upstream:
         half); must give a whole number of rows. A mixture puts its caption rows first
         (:mod:`muddit_jax.data.mixture`), so this is the T2I share of a mixed batch.
+      t2i_stop_gradient: ``mode="split"``: comma-separated regexes over parameter paths
+        (``mmdit/transformer_blocks_0/.*``, the syntax of ``optim.freeze``); the T2I rows'
+        loss sends no gradient into the matched parameters, which then learn from the other
+        rows alone (the T2I rows still use them in the forward pass). "" (default, upstream):
+        off. On, the T2I rows and the others run as two forward passes over their own rows
+        (the same arithmetic as one; on a mesh the row split reshards the batch).
     """
 
     image_mask_id: int
@@ -100,6 +107,7 @@ class LossConfig:
     text_pad_weight: float = 1.0
     ratio_floor: float = 1e-3
     t2i_fraction: float = 0.5
+    t2i_stop_gradient: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.t2i_fraction <= 1.0:
@@ -124,6 +132,10 @@ class LossConfig:
             raise ValueError(f"text_pad_weight={self.text_pad_weight} weighs padding targets, but "
                              "text_pad_is_target=False makes none; set text_pad_is_target=True "
                              "or leave text_pad_weight at 1")
+        if self.t2i_stop_gradient and self.mode != "split":
+            raise ValueError("t2i_stop_gradient keeps the T2I rows' gradient out of parameters, "
+                             "so it needs mode='split' (in 'joint' every row is both); set "
+                             "mode='split' or t2i_stop_gradient=''")
         get_schedule(self.schedule)
 
 
@@ -195,6 +207,24 @@ def _pad_weighted(weight: Array | None, text_valid: Array, config: LossConfig) -
         return weight
     pad = jnp.where(text_valid, 1.0, config.text_pad_weight)
     return pad if weight is None else weight * pad
+
+
+def _forward_t2i_apart(forward_fn: ForwardFn, params: Any, inputs: tuple[Array, ...],
+                       n_t2i: int, config: LossConfig) -> tuple[Array, Array | None]:
+    """``forward_fn`` with the first ``n_t2i`` rows (T2I) on ``params`` whose leaves matched by
+    ``config.t2i_stop_gradient`` are under ``stop_gradient``, and the other rows on ``params``;
+    the logits of both are concatenated back in row order."""
+    held = match_leaves(params, config.t2i_stop_gradient, "loss.t2i_stop_gradient")
+    t2i_params = jax.tree_util.tree_map(
+        lambda stop, p: jax.lax.stop_gradient(p) if stop else p, held, params)
+    b = inputs[0].shape[0]
+    if n_t2i == 0:
+        return forward_fn(params, *inputs)
+    if n_t2i == b:
+        return forward_fn(t2i_params, *inputs)
+    head = forward_fn(t2i_params, *(x[:n_t2i] for x in inputs))
+    tail = forward_fn(params, *(x[n_t2i:] for x in inputs))
+    return tuple(None if h is None else jnp.concatenate([h, t]) for h, t in zip(head, tail))
 
 
 def _masked_mean(x: Array, rows: Array) -> Array:
@@ -294,7 +324,12 @@ def diffusion_loss(
     image_in = apply_mask(image_ids, img_mask, config.image_mask_id)
     text_in = apply_mask(text_ids_cond, txt_mask, config.text_mask_id)
     timestep = jnp.where(img_rows, r_img, r_txt)
-    image_logits, text_logits = forward_fn(params, image_in, text_in, timestep, micro_conds)
+    inputs = (image_in, text_in, timestep, micro_conds)
+    if config.t2i_stop_gradient:
+        image_logits, text_logits = _forward_t2i_apart(forward_fn, params, inputs,
+                                                       round(b * config.t2i_fraction), config)
+    else:
+        image_logits, text_logits = forward_fn(params, *inputs)
 
     img_ce, img_correct = _masked_ce(image_logits, image_ids, img_mask)
     if text_logits is None:  # a T2I-only generator (no text head): every row must be T2I

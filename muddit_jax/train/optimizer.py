@@ -10,11 +10,12 @@ updates after AdamW, so they never move and take no share of the clipped global 
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import jax
 import optax
+
+from muddit_jax.tree_paths import match_leaves
 
 SCHEDULES = ("constant", "cosine")
 
@@ -45,28 +46,11 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
-def _leaf_name(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def freeze_mask(patterns: str) -> Any:
     """``params -> bool tree``: a leaf is frozen when its ``/``-joined path
     (``mmdit/embed/embeddings/embedding``) fully matches one of the comma-separated regexes;
-    a regex that matches nothing raises."""
-    regexes = [p.strip() for p in patterns.split(",") if p.strip()]
-
-    def frozen(path: tuple) -> bool:
-        return any(re.fullmatch(rx, _leaf_name(path)) for rx in regexes)
-
-    def mask(params: Any) -> Any:
-        names = [_leaf_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
-        for rx in regexes if names else ():  # no leaves: optax's placeholder tree
-            if not any(re.fullmatch(rx, n) for n in names):
-                raise ValueError(f"optim.freeze: {rx!r} matches no trainable parameter; paths "
-                                 f"look like {names[0]!r} (a regex over the full path)")
-        return jax.tree_util.tree_map_with_path(lambda path, _: frozen(path), params)
-
-    return mask
+    a regex that matches nothing raises (:func:`muddit_jax.tree_paths.match_leaves`)."""
+    return lambda params: match_leaves(params, patterns, "optim.freeze")
 
 
 def make_optimizer(
