@@ -6,7 +6,11 @@ Both arms are :func:`muddit_jax.train.run.build_run` of ``configs/shapes_tiny.py
 synthetic batches of the default's shapes); the ratio is pixels / codes step time. The input
 pipeline is not in it (the trainer's ``steps/s`` in ``metrics.jsonl`` is).
 
-``python -m bench.codes_step [--smoke] [--json PATH] [--iters 20]``
+``--t2i-stop-gradient PATTERNS`` adds a third arm: the step on codes with that
+``loss.t2i_stop_gradient`` (the T2I rows and the others as two forward passes), and its ratio
+to the plain step on codes.
+
+``python -m bench.codes_step [--smoke] [--json PATH] [--iters 20] [--t2i-stop-gradient RX]``
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from muddit_jax.train.synthetic import SyntheticData
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes_tiny.py"
 
 
-def arm(pretokenize: bool, smoke: bool,
+def arm(pretokenize: bool, smoke: bool, t2i_stop_gradient: str = "",
         **model: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(compiled step, state, global batch)`` of the default with or without codes;
     ``model`` overrides ``config.model`` fields (e.g. ``width=64``)."""
     config = load_config(str(CONFIG) + (":smoke" if smoke else ""))
     config.model.update(model)
+    config.loss.t2i_stop_gradient = t2i_stop_gradient
     config.data.tokenizer = ""  # no tokenizer file: the <mask> id is set directly
     config.loss.text_mask_id = config.model.text_vocab_size - 1
     config.data.pretokenize = pretokenize
@@ -49,10 +54,15 @@ def arm(pretokenize: bool, smoke: bool,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.parser(__doc__)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--t2i-stop-gradient", default="",
+                   help="also time the step on codes with this loss.t2i_stop_gradient")
     args = p.parse_args(argv)
     states, fns, keys = {}, {}, {}
-    for name, pretokenize in (("pixels", False), ("codes", True)):
-        step, state, batch = arm(pretokenize, args.smoke)
+    arms = [("pixels", False, ""), ("codes", True, "")]
+    if args.t2i_stop_gradient:
+        arms.append(("codes, T2I apart", True, args.t2i_stop_gradient))
+    for name, pretokenize, stop in arms:
+        step, state, batch = arm(pretokenize, args.smoke, stop)
         states[name], keys[name] = state, sorted(batch)
 
         def call(name=name, step=step, batch=batch):
@@ -66,6 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = times["pixels"].median / times["codes"].median
     rows.append({"step on": "pixels / codes", "median ms": ratio,
                  "best ms": times["pixels"].best / times["codes"].best})
+    if args.t2i_stop_gradient:
+        apart = times["codes, T2I apart"]
+        rows.append({"step on": "T2I apart / codes", "median ms": apart.median
+                     / times["codes"].median, "best ms": apart.best / times["codes"].best})
     return common.finish("codes_step", args, {"MM-DiT train step (configs/shapes_tiny.py)":
                                               (rows, None)}, speedup=ratio,
                          batch_keys=keys, devices=jax.device_count())

@@ -51,11 +51,14 @@ def test_sampler(tmp_path):
 def test_codes_step(tmp_path):
     from bench import codes_step
 
-    out = _run(codes_step, tmp_path)
-    pixels, codes, ratio = _rows(out)
-    assert (pixels["step on"], codes["step on"]) == ("pixels", "codes")
-    assert min(pixels["median ms"], codes["median ms"]) > 0 and out["speedup"] > 0
-    assert ratio["median ms"] == out["speedup"]
+    out = _run(codes_step, tmp_path, "--t2i-stop-gradient", "mmdit/transformer_blocks_.*")
+    pixels, codes, apart, ratio, apart_ratio = _rows(out)
+    assert [r["step on"] for r in (pixels, codes, apart, ratio, apart_ratio)] == [
+        "pixels", "codes", "codes, T2I apart", "pixels / codes", "T2I apart / codes"]
+    assert min(pixels["median ms"], codes["median ms"], apart["median ms"]) > 0
+    assert ratio["median ms"] == out["speedup"] > 0
+    product = apart_ratio["median ms"] * codes["median ms"]
+    assert abs(product - apart["median ms"]) <= 1e-6 * apart["median ms"]
     keys = out["batch_keys"]
     assert "images" in keys["pixels"] and "image_ids" not in keys["pixels"]
     assert "image_ids" in keys["codes"] and "images" not in keys["codes"]
