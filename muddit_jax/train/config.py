@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
         text_pad_weight=1.0,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
         # regexes over parameter paths (optim.freeze syntax) the T2I rows send no gradient to;
-        # "" = upstream
+        # "" = upstream (BENCHMARKS §1.31)
         t2i_stop_gradient="",
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
     )
