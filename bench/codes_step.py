@@ -2,7 +2,7 @@
 against the same step on pre-tokenized codes (``data.pretokenize=True``, what
 :mod:`muddit_jax.train.codes_stage` feeds), same params, timed round-robin in one process.
 
-Both arms are :func:`muddit_jax.train.run.build_run` of ``configs/shapes_tiny.py`` (random init,
+Every arm is :func:`muddit_jax.train.run.build_run` of ``configs/shapes_tiny.py`` (random init,
 synthetic batches of the default's shapes); the ratio is pixels / codes step time. The input
 pipeline is not in it (the trainer's ``steps/s`` in ``metrics.jsonl`` is).
 
