@@ -85,7 +85,8 @@ class LossConfig:
         half); must give a whole number of rows. A mixture puts its caption rows first
         (:mod:`muddit_jax.data.mixture`), so this is the T2I share of a mixed batch.
       t2i_stop_gradient: ``mode="split"``: comma-separated regexes over parameter paths
-        (``mmdit/transformer_blocks_0/.*``, the syntax of ``optim.freeze``); the T2I rows'
+        (``mmdit/transformer_blocks_0/.*``) or ``@group`` names (``@image_input``), the syntax
+        of ``optim.freeze`` (:mod:`muddit_jax.tree_paths`); the T2I rows'
         loss sends no gradient into the matched parameters, which then learn from the other
         rows alone (the T2I rows still use them in the forward pass). "" (default, upstream):
         off. On, the T2I rows and the others run as two forward passes over their own rows

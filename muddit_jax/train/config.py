@@ -100,8 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
         # shapes exists answers bind in 1 of 3 seeds at 0.1, 2 of 4 at 1 (BENCHMARKS §1.25)
         text_pad_weight=1.0,
         t2i_fraction=0.5,  # split mode: the first rows of each batch are T2I, the rest I2T/VQA
-        # regexes over parameter paths (optim.freeze syntax) the T2I rows send no gradient to;
-        # "" = upstream (BENCHMARKS §1.31)
+        # regexes over parameter paths or @groups (optim.freeze syntax) the T2I rows send no
+        # gradient to, e.g. "@blocks,@image_input"; "" = upstream (BENCHMARKS §1.31)
         t2i_stop_gradient="",
         text_mask_id=-1,  # -1 = the tokenizer's <mask> id (no tokenizer: text vocab - 1)
     )
@@ -166,8 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = dict(
         lr=1e-4, schedule="cosine", warmup_steps=0, end_lr_ratio=0.0,
         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
-        # comma-separated regexes over trainable param paths that get no updates, e.g.
-        # "mmdit/embed/embeddings/embedding" keeps a model.code_init="codebook" embedding fixed
+        # comma-separated regexes over trainable param paths (or @groups, tree_paths.py) that
+        # get no updates: "mmdit/embed/embeddings/embedding" keeps a code_init="codebook"
+        # embedding fixed
         freeze="",
     )
     c.train = dict(

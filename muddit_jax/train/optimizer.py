@@ -48,8 +48,9 @@ def decay_mask(params: Any) -> Any:
 
 def freeze_mask(patterns: str) -> Any:
     """``params -> bool tree``: a leaf is frozen when its ``/``-joined path
-    (``mmdit/embed/embeddings/embedding``) fully matches one of the comma-separated regexes;
-    a regex that matches nothing raises (:func:`muddit_jax.tree_paths.match_leaves`)."""
+    (``mmdit/embed/embeddings/embedding``) fully matches one of the comma-separated regexes or
+    ``@group`` names; an entry that matches nothing raises
+    (:func:`muddit_jax.tree_paths.match_leaves`)."""
     return lambda params: match_leaves(params, patterns, "optim.freeze")
 
 
