@@ -165,6 +165,28 @@ def test_split_halves_mask_the_right_modality() -> None:
     assert t.shape == (B,) and np.all((t >= 0) & (t <= 1))
 
 
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_image_min_mask_rate_floors_the_image_ratio_only(floor: float) -> None:
+    """The image ratio (fed as the T2I rows' timestep) is floored; the text ratio is not: over
+    seeds the I2T rows still mask fewer than half their text positions some of the time."""
+    batch = make_batch(4)
+    text_fractions = []
+    for seed in range(12):
+        fwd = Recorder(uniform_logits)
+        _, m = run(fwd, batch, seed=seed, cond_dropout=0.0, image_min_mask_rate=floor)
+        img_in, txt_in, t = fwd.calls[0]
+        img_masked = (img_in[:2] == IMG_MASK).reshape(2, -1).mean(-1)
+        assert np.all(t[:2] >= floor) and np.all(img_masked >= floor - 1 / (H * W))
+        assert float(m["image_mask_ratio"]) >= floor
+        valid = np.asarray(batch["text_valid"])[2:]
+        text_fractions += list((txt_in[2:] == TXT_MASK).sum(-1) / valid.sum(-1))
+    assert min(text_fractions) < 0.5
+    if floor == 1.0:
+        assert img_masked.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"image_min_mask_rate=1.5 must be in \[0, 1\]"):
+        config(image_min_mask_rate=1.5)
+
+
 def test_condition_dropout_only_on_t2i_rows() -> None:
     batch = make_batch(5)
     fwd = Recorder(uniform_logits)

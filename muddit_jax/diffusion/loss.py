@@ -50,6 +50,11 @@ class LossConfig:
       empty_text_ids: the tokenized empty prompt ``(l,)``, used for condition dropout.
       text_loss_weight: weight of the text term.
       min_mask_rate: ``r = max(r(u), min_mask_rate)``; upstream default 0.0 (Muddit & Meissonic).
+      image_min_mask_rate: a further floor on the image ratio alone, ``r_img = max(r(u),
+        min_mask_rate, image_min_mask_rate)``; 0.0 (default, upstream) adds none. 1.0 masks
+        every image token of the generating rows, so T2I learns codes from the text alone and
+        never from other codes of the same image (a diagnostic, BENCHMARKS §1.33; the sampler
+        still shows the model partly masked images).
       mode: ``"split"`` (first rows T2I, the rest I2T, see ``t2i_fraction``) or ``"joint"``
         (both modalities masked at independent times in every example; beyond the paper).
       weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``), ``"elbo"`` (exact MDLM weight) or
@@ -98,6 +103,7 @@ class LossConfig:
     empty_text_ids: tuple[int, ...] = ()
     text_loss_weight: float = 0.6
     min_mask_rate: float = 0.0
+    image_min_mask_rate: float = 0.0
     mode: str = "split"
     weighting: str = "muddit"
     schedule: str = "cosine"
@@ -111,6 +117,9 @@ class LossConfig:
     t2i_stop_gradient: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("min_mask_rate", "image_min_mask_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1] (0 = no floor)")
         if not 0.0 <= self.t2i_fraction <= 1.0:
             raise ValueError(f"t2i_fraction={self.t2i_fraction} must be in [0, 1]")
         if self.mode not in MODES:
@@ -284,7 +293,8 @@ def diffusion_loss(
     schedule = get_schedule(config.schedule)
 
     k_ui, k_ut, k_mi, k_mt, k_drop = jax.random.split(rng, 5)
-    u_img, r_img = sample_mask_ratio(k_ui, b, schedule=schedule, min_rate=config.min_mask_rate)
+    u_img, r_img = sample_mask_ratio(
+        k_ui, b, schedule=schedule, min_rate=max(config.min_mask_rate, config.image_min_mask_rate))
     u_txt, r_txt = sample_mask_ratio(k_ut, b, schedule=schedule, min_rate=config.min_mask_rate)
     drop = jax.random.uniform(k_drop, (b,)) < config.cond_dropout
 
