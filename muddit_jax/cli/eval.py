@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize(config.distributed)
         config = resolve(config, workdir, train_missing=False)
         ckpt_dir = config.checkpoint.dir or workdir / "checkpoints"
-        ckpt = Checkpointer(ckpt_dir)
+        ckpt = Checkpointer(ckpt_dir, read_only=True)
         try:
             step = fv.step if fv.step is not None else ckpt.latest_step()
             saved = ckpt.saved_config(step) if step is not None else None

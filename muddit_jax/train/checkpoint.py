@@ -46,14 +46,21 @@ class Checkpointer:
 
     Every process must call ``save`` and ``restore_or_none`` (orbax coordinates them; each
     writes its own shards, process 0 the metadata and JSON items).
+
+    The writer (``read_only=False``, the training run) deletes unfinished saves left in the
+    folder by a killed run. Anything else that reads a folder a run may be writing into (an
+    evaluation job, a sampler) must pass ``read_only=True``: it then neither creates the folder
+    nor deletes the running save's temporary folder (orbax's clean-up would, and that save
+    would fail).
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
         )
-        self.directory = as_path(directory)
+        self.directory, self.read_only = as_path(directory), read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -65,6 +72,8 @@ class Checkpointer:
         config: Mapping[str, Any] | None = None,
     ) -> bool:
         """Start an (async) save of ``step``; a step that already exists is not rewritten."""
+        if self.read_only:  # orbax would skip the save with only a log line
+            raise ValueError(f"Checkpointer({self.directory}) is read_only: it cannot save")
         if step in self.manager.all_steps():
             return False
         items = dict(

@@ -220,7 +220,7 @@ def saved_config(workdir: str | Path, step: int | None = None
     workdir still loads). The saved values are laid over today's defaults, so a run saved before
     a field existed loads with that field's default."""
     workdir = Path(workdir)
-    ckpt = Checkpointer(workdir / "checkpoints")
+    ckpt = Checkpointer(workdir / "checkpoints", read_only=True)  # a run may be writing there
     try:
         saved = ckpt.saved_config(step)
     finally:
