@@ -187,6 +187,31 @@ def test_image_min_mask_rate_floors_the_image_ratio_only(floor: float) -> None:
         config(image_min_mask_rate=1.5)
 
 
+def test_image_full_mask_prob_masks_whole_rows_and_keeps_the_other_draws() -> None:
+    """Each T2I row masks its whole image (timestep 1) with the given probability; a row it
+    leaves alone gets exactly the mask and timestep that the default draws, as do the I2T rows."""
+    batch = make_batch(4)
+    full_rows = []
+    for seed in range(16):
+        base, mixed = Recorder(uniform_logits), Recorder(uniform_logits)
+        run(base, batch, seed=seed, cond_dropout=0.0)
+        run(mixed, batch, seed=seed, cond_dropout=0.0, image_full_mask_prob=0.5)
+        (img0, txt0, t0), (img1, txt1, t1) = base.calls[0], mixed.calls[0]
+        full = t1[:2] == 1.0
+        assert np.all(img1[:2][full] == IMG_MASK)
+        np.testing.assert_array_equal(img1[:2][~full], img0[:2][~full])
+        np.testing.assert_array_equal(t1[:2][~full], t0[:2][~full])
+        np.testing.assert_array_equal(txt1, txt0)
+        np.testing.assert_array_equal(img1[2:], img0[2:])
+        full_rows += full.tolist()
+    assert 0.25 < np.mean(full_rows) < 0.75
+    every = Recorder(uniform_logits)
+    run(every, batch, seed=0, cond_dropout=0.0, image_full_mask_prob=1.0)
+    assert np.all(every.calls[0][0][:2] == IMG_MASK)
+    with pytest.raises(ValueError, match=r"image_full_mask_prob=-0.1 must be in \[0, 1\]"):
+        config(image_full_mask_prob=-0.1)
+
+
 def test_condition_dropout_only_on_t2i_rows() -> None:
     batch = make_batch(5)
     fwd = Recorder(uniform_logits)

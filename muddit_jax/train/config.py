@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
         text_loss_weight=0.6, min_mask_rate=0.0, mode="split", weighting="muddit",
         # a floor on the image mask ratio alone (0 = upstream; 1 = T2I from the text only, §1.33)
         image_min_mask_rate=0.0,
+        # probability that a row masks its whole image (0 = upstream; a per-row mix, §1.34)
+        image_full_mask_prob=0.0,
         # floor of r in the 1/r weight (upstream 1e-3); see BENCHMARKS.md §1.2
         ratio_floor=1e-3,
         schedule="cosine", cond_dropout=0.1, text_pad_is_target=False,
