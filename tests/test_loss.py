@@ -210,6 +210,10 @@ def test_image_full_mask_prob_masks_whole_rows_and_keeps_the_other_draws() -> No
     assert np.all(every.calls[0][0][:2] == IMG_MASK)
     with pytest.raises(ValueError, match=r"image_full_mask_prob=-0.1 must be in \[0, 1\]"):
         config(image_full_mask_prob=-0.1)
+    for fully in ({"image_full_mask_prob": 0.5}, {"image_min_mask_rate": 1.0}):
+        with pytest.raises(ValueError, match=r"weighting='elbo' .* which is 0"):
+            config(weighting="elbo", **fully)
+        config(weighting="elbo", schedule="linear", **fully)  # weight 1 at r = 1: allowed
 
 
 def test_condition_dropout_only_on_t2i_rows() -> None:

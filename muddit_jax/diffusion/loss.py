@@ -58,7 +58,8 @@ class LossConfig:
       image_full_mask_prob: probability that a row masks its whole image (``r_img = 1``,
         ``u_img = 0``), drawn per row; the other rows keep the usual ratio. 0.0 (default,
         upstream): none. A per-row mix of the text-only T2I rows of ``image_min_mask_rate=1``
-        and the usual ones, which train the sampler's later steps (BENCHMARKS §1.34).
+        and the usual ones, which train the sampler's later steps (BENCHMARKS §1.34). Both
+        options refuse ``weighting="elbo"`` with the cosine schedule, whose weight at r = 1 is 0.
       mode: ``"split"`` (first rows T2I, the rest I2T, see ``t2i_fraction``) or ``"joint"``
         (both modalities masked at independent times in every example; beyond the paper).
       weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``), ``"elbo"`` (exact MDLM weight) or
@@ -125,6 +126,12 @@ class LossConfig:
         for name in ("min_mask_rate", "image_min_mask_rate", "image_full_mask_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1] (0 = off)")
+        fully_masked = self.image_min_mask_rate == 1.0 or self.image_full_mask_prob > 0
+        if fully_masked and self.weighting == "elbo" and self.schedule == "cosine":
+            raise ValueError("weighting='elbo' gives a fully masked image row the cosine ELBO "
+                             "weight at r = 1, which is 0, so image_min_mask_rate=1 or "
+                             "image_full_mask_prob > 0 would train nothing on those rows; use "
+                             "weighting='count' or 'muddit' (weight 1 there)")
         if not 0.0 <= self.t2i_fraction <= 1.0:
             raise ValueError(f"t2i_fraction={self.t2i_fraction} must be in [0, 1]")
         if self.mode not in MODES:
