@@ -55,11 +55,12 @@ class LossConfig:
         every image token of the generating rows, so T2I learns codes from the text alone and
         never from other codes of the same image (a diagnostic, BENCHMARKS §1.33; the sampler
         still shows the model partly masked images).
-      image_full_mask_prob: probability that a row masks its whole image (``r_img = 1``,
-        ``u_img = 0``), drawn per row; the other rows keep the usual ratio. 0.0 (default,
-        upstream): none. A per-row mix of the text-only T2I rows of ``image_min_mask_rate=1``
-        and the usual ones, which train the sampler's later steps (BENCHMARKS §1.34). Both
-        options refuse ``weighting="elbo"`` with the cosine schedule, whose weight at r = 1 is 0.
+      image_full_mask_prob: probability that a row masks its whole image (``r_img = 1``; the
+        weights read the time off the ratio, as for any floor), drawn per row; the other rows
+        keep the usual ratio. 0.0 (default, upstream): none. A per-row mix of the text-only
+        T2I rows of ``image_min_mask_rate=1`` and the usual ones, which train the sampler's
+        later steps (BENCHMARKS §1.34). Both options refuse ``weighting="elbo"`` with the
+        cosine schedule, whose weight at r = 1 is 0.
       mode: ``"split"`` (first rows T2I, the rest I2T, see ``t2i_fraction``) or ``"joint"``
         (both modalities masked at independent times in every example; beyond the paper).
       weighting: ``"muddit"`` (``1 / max(r, ratio_floor)``), ``"elbo"`` (exact MDLM weight) or
@@ -309,7 +310,7 @@ def diffusion_loss(
         k_ui, b, schedule=schedule, min_rate=max(config.min_mask_rate, config.image_min_mask_rate))
     if config.image_full_mask_prob > 0:  # a key of its own: the other draws stay as they were
         full = jax.random.uniform(jax.random.fold_in(k_ui, 1), (b,)) < config.image_full_mask_prob
-        u_img, r_img = jnp.where(full, 0.0, u_img), jnp.where(full, 1.0, r_img)
+        r_img = jnp.where(full, 1.0, r_img)
     u_txt, r_txt = sample_mask_ratio(k_ut, b, schedule=schedule, min_rate=config.min_mask_rate)
     drop = jax.random.uniform(k_drop, (b,)) < config.cond_dropout
 
