@@ -15,14 +15,20 @@ from typing import Any
 
 import jax
 
+from muddit_jax.models.mmdit import CONDITION_PREFIX
+
 
 _M = "mmdit/"
 _DUAL, _SINGLE = r"transformer_blocks_\d+/.*", r"single_transformer_blocks_\d+/.*"
+# the image input path: code embedding (+ RMSNorm, 1x1 conv), ConvNeXt blocks, down-sampling,
+# projection, positions
+_IMAGE_INPUT = (r"(embed|down_convnext_\d+|down_block(_\d+)?|project_to_hidden(_norm)?"
+                r"|image_pos_embed)(/.*)?")
 # the MM-DiT's parts in data-flow order, and the text encoder; each group is one regex
 PARAM_GROUPS: dict[str, str] = {
-    # code embedding (+ RMSNorm, 1x1 conv), ConvNeXt blocks, down-sampling, projection, positions
-    "image_input": _M + r"(embed|down_convnext_\d+|down_block(_\d+)?|project_to_hidden(_norm)?"
-                   r"|image_pos_embed)(/.*)?",
+    "image_input": _M + _IMAGE_INPUT,
+    # condition_image_input's copy of that path, for images without a mask token
+    "condition_image_input": _M + CONDITION_PREFIX + _IMAGE_INPUT,
     # the text encoder's states into the text stream (T5 adapter, context projection, registers)
     "text_input": _M + r"(adapter(_norm)?|context_embedder|encoder_proj_layer_norm"
                   r"|text_registers)(/.*)?",

@@ -46,6 +46,13 @@ def test_codebook_init_maps_alike_codes_to_alike_rows_and_keeps_the_scale() -> N
     assert np.linalg.matrix_rank(np.asarray(table[:6]), tol=1e-5) == 3
     with pytest.raises(ValueError, match="codebook_size"):
         codebook_init(params, book[:5], jax.random.key(0))
+    # condition_image_input's copy of the code embedding starts with the same rows
+    both = codebook_init({**params, "condition_embed": jax.tree.map(
+        lambda x: x * 2, params["embed"])}, book, jax.random.key(0))
+    np.testing.assert_array_equal(both["condition_embed"]["embeddings"]["embedding"][:6],
+                                  table[:6])
+    np.testing.assert_array_equal(both["condition_embed"]["embeddings"]["embedding"][6],
+                                  params["embed"]["embeddings"]["embedding"][6] * 2)
 
 
 def _smoke_config(**model):

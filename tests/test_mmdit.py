@@ -21,6 +21,7 @@ from muddit_jax.models.embeddings import (
     timestep_embedding,
 )
 from muddit_jax.models.mmdit import (
+    CONDITION_PREFIX,
     MMDiT,
     MMDiTConfig,
     dummy_inputs,
@@ -556,6 +557,57 @@ def test_text_registers_option():
     c = C.base_config()
     c.model.text_registers = 2
     assert C.model_config(c).mmdit.text_registers == 2
+
+
+def test_condition_image_input_option():
+    """``condition_image_input``: a row whose image has no mask token runs exactly upstream's
+    model with the ``condition_*`` copy of the image input path, a row with one exactly the
+    model with the usual path; each row's gradient reaches only its own path. The copy has the
+    usual path's shapes and logical axes; the key travels only when on and is not ported."""
+    from muddit_jax.train import config as C
+
+    on = MMDiTConfig(**BASE, conv_blocks=1, image_pos_embed=True, condition_image_input=True)
+    off = dataclasses.replace(on, condition_image_input=False)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    ids = inputs[0] % on.codebook_size  # row 0 clean (the condition), row 1 partly masked
+    inputs[0] = ids.at[1, :2].set(on.mask_token_id)
+    boxed = MMDiT(on).init(jax.random.key(0), *inputs)["params"]
+    copies = {k for k in boxed if k.startswith(CONDITION_PREFIX)}
+    assert copies == {"condition_" + k for k in ("embed", "down_convnext_0", "down_block",
+                      "project_to_hidden_norm", "project_to_hidden", "image_pos_embed")}
+    for name in copies:
+        same = jax.tree.map(lambda a, b: (a.value.shape, a.names) == (b.value.shape, b.names),
+                            boxed[name], boxed[name[len(CONDITION_PREFIX):]],
+                            is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        assert all(jax.tree.leaves(same))
+    params = nn.unbox(boxed)
+    usual = {k: v for k, v in params.items() if k not in copies}
+    swapped = {**usual, **{k[len(CONDITION_PREFIX):]: params[k] for k in copies}}
+    got = MMDiT(on).apply({"params": params}, *inputs)
+    want_clean = MMDiT(off).apply({"params": swapped}, *inputs)
+    want_masked = MMDiT(off).apply({"params": usual}, *inputs)
+    for g, c, m in zip(got, want_clean, want_masked):
+        assert_close(g[0], c[0], tol=1e-5)
+        assert_close(g[1], m[1], tol=1e-5)
+        assert float(jnp.abs(c[0] - m[0]).max()) > 1e-3  # the two paths differ
+
+    def grads(row: int) -> dict:
+        loss = lambda p: sum(o[row].sum() for o in MMDiT(on).apply({"params": p}, *inputs))
+        norms = jax.tree.map(lambda g: float(jnp.abs(g).max()), jax.grad(loss)(params))
+        return {k: max(jax.tree.leaves(v)) for k, v in norms.items()}
+
+    clean, masked = grads(0), grads(1)
+    for name in copies:
+        base = name[len(CONDITION_PREFIX):]
+        assert masked[name] == 0.0 and masked[base] > 0.0
+        assert clean[base] == 0.0 and clean[name] > 0.0
+    assert "condition_image_input" not in off.to_hf_config()
+    assert MMDiTConfig.from_hf_config(on.to_hf_config()) == on
+    with pytest.raises(ValueError, match="condition_image_input=True: upstream has one"):
+        key_map(dataclasses.replace(on, conv_blocks=0))
+    c = C.base_config()
+    c.model.condition_image_input = True
+    assert C.model_config(c).mmdit.condition_image_input
 
 
 def test_resample_levels_option():

@@ -19,10 +19,10 @@ MMDIT = MMDiTConfig(
     num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=32,
     guidance_embeds=False, axes_dims_rope=(4, 6, 6), vocab_size=33, codebook_size=32,
     tokenizer_vocab_size=40, downsample=True, upsample=True, conv_blocks=1,
-    image_pos_embed=True, text_registers=2, t5_dim=20,
+    image_pos_embed=True, text_registers=2, t5_dim=20, condition_image_input=True,
 )
-PARTS = ("image_input", "text_input", "conditioning", "dual_blocks", "single_blocks",
-         "image_head", "text_head", "text_encoder")  # disjoint; "blocks" = the two block kinds
+PARTS = ("image_input", "condition_image_input", "text_input", "conditioning", "dual_blocks",
+         "single_blocks", "image_head", "text_head", "text_encoder")  # disjoint; "blocks" = the two block kinds
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,8 @@ def test_groups_name_the_expected_modules(names: list[str]) -> None:
     assert {n.split("/")[1] for n in image_input} == {
         "embed", "down_convnext_0", "down_block", "project_to_hidden_norm", "project_to_hidden",
         "image_pos_embed"}
+    assert {n.split("/")[1] for n in _selected(names, "@condition_image_input")} == {
+        "condition_" + n.split("/")[1] for n in image_input}
     assert {n.split("/")[1] for n in _selected(names, "@image_head")} == {
         "project_from_hidden_norm", "project_from_hidden", "up_block", "up_convnext_0",
         "mlm_layer"}
@@ -67,7 +69,8 @@ def test_groups_mix_with_regexes_and_errors_name_the_field(names: list[str]) -> 
     assert mixed == ({n for n in names if n.startswith("mmdit/text_decoder")}
                      | {n for n in names if n.startswith("mmdit/transformer_blocks_0/")})
     with pytest.raises(ValueError, match=r"optim.freeze: unknown parameter group '@image'; "
-                                         r"the groups are @image_input, @text_input"):
+                                         r"the groups are @image_input, "
+                                         r"@condition_image_input, @text_input"):
         _selected(names, "@image")
     with pytest.raises(ValueError, match="loss.t2i_stop_gradient: '@text_encoder' matches no"):
         match_leaves({"mmdit": {"w": np.zeros(2)}}, "@text_encoder", "loss.t2i_stop_gradient")

@@ -8,6 +8,7 @@ network predicts both image-token logits and text-token logits. Data flow of ``M
   temb  = time_text_embed(1000 t, cond)                          # [b, D]
   txt   = encoder_proj_layer_norm(context_embedder(text))        # [b, l, D]
   img   = embed(image_ids) -> down_block -> flatten -> project_to_hidden(_norm)   # [b, n, D]
+          (a clean image takes the condition_* copy of this path with condition_image_input)
   (txt, img) = dual-stream blocks; x = single-stream blocks([txt, img])
   text_logits  = text_decoder(x[:, :l])                         # [b, l, tokenizer_vocab]
   image_logits = mlm_layer(up_block(project_from_hidden(_norm)(x[:, l:])))  # [b, h, w, codebook]
@@ -45,6 +46,8 @@ DUAL, SINGLE = "transformer_blocks", "single_transformer_blocks"
 UPSTREAM_ROPE_THETA = 10000.0
 # which attention scores RoPE rotates: every pair (upstream) or image query x image key only
 ROPE_SCOPES = ("all", "image")
+# module-name prefix of the image input path for clean images (``condition_image_input``)
+CONDITION_PREFIX = "condition_"
 
 
 def rope_axes_ok(axes: Sequence[Any], head_dim: int) -> bool:
@@ -86,6 +89,11 @@ class MMDiTConfig:
     ``text_registers`` (not upstream: 0) appends that many learned tokens to the text stream
     (``text_registers [n, inner_dim]``, text RoPE ids 0): always visible and attention keys,
     never targets, no text logits (BENCHMARKS.md §1.23).
+    ``condition_image_input`` (not upstream: False) gives images without a mask token (the
+    condition of captioning and VQA) an image input path of their own (``condition_embed``,
+    ``condition_project_to_hidden``, ...: every module before the blocks, same shapes), while
+    images being generated (any mask token) keep upstream's; the blocks and heads are shared,
+    so T2I rows send no gradient into the condition's path (BENCHMARKS.md §1.35).
     """
 
     patch_size: int = 1
@@ -113,6 +121,7 @@ class MMDiTConfig:
     conv_blocks: int = 0
     conv_kernel: int = 3
     text_registers: int = 0
+    condition_image_input: bool = False
 
     def __post_init__(self):
         if not rope_axes_ok(self.axes_dims_rope, self.attention_head_dim):
@@ -179,7 +188,7 @@ class MMDiTConfig:
             del d["image_pos_embed"]
         for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
                               ("rope_free_heads", 0), ("text_registers", 0),
-                              ("rope_scope", "all")):
+                              ("rope_scope", "all"), ("condition_image_input", False)):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -570,6 +579,32 @@ class MMDiT(nn.Module):
             carry = cls(name=f"{name}_{i}", **kw)(carry, *args)[0]
         return carry
 
+    def _image_input(self, image_ids: jax.Array, temb: jax.Array, prefix: str
+                     ) -> tuple[jax.Array, tuple[int, int]]:
+        """Code ids ``[b, h, w]`` -> block tokens ``[b, n, D]`` and the block grid: the UViT
+        embed, ConvNeXt blocks, down-sampling, projection and position table, their module
+        names prefixed by ``prefix`` (``""``: upstream's names)."""
+        cfg, b, d = self.config, image_ids.shape[0], self.config.inner_dim
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ConvEmbed(cfg.vocab_size, d, name=prefix + "embed", **kw)(image_ids)
+        for i in range(cfg.conv_blocks):
+            x = ConvNeXtBlock(cfg.conv_kernel, name=f"{prefix}down_convnext_{i}", **kw)(x, temb)
+        for level in range(cfg.down_levels):
+            x = Downsample(name=prefix + _level_name("down_block", level), **kw)(x)
+        gh, gw = x.shape[1:3]
+        img = layers.rms_norm(eps=NORM_EPS, name=prefix + "project_to_hidden_norm", **kw)(
+            x.reshape(b, gh * gw, d)
+        )
+        img = layers.dense(d, ("conv_in", "embed"), use_bias=False,
+                           name=prefix + "project_to_hidden", **kw)(img)
+        if cfg.image_pos_embed:
+            table = self.param(
+                prefix + "image_pos_embed",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (gh * gw, d), self.param_dtype)
+            img = img + jnp.asarray(table, self.dtype)[None]
+        return img, (gh, gw)
+
     @nn.compact
     def __call__(
         self,
@@ -633,24 +668,11 @@ class MMDiT(nn.Module):
                 axis=1)
         n_seq = txt.shape[1]  # text positions and registers
 
-        x = ConvEmbed(cfg.vocab_size, d, name="embed", **kw)(image_ids)
-        for i in range(cfg.conv_blocks):
-            x = ConvNeXtBlock(cfg.conv_kernel, name=f"down_convnext_{i}", **kw)(x, temb)
-        for level in range(cfg.down_levels):
-            x = Downsample(name=_level_name("down_block", level), **kw)(x)
-        gh, gw = x.shape[1:3]
-        img = layers.rms_norm(eps=NORM_EPS, name="project_to_hidden_norm", **kw)(
-            x.reshape(b, gh * gw, d)
-        )
-        img = layers.dense(d, ("conv_in", "embed"), use_bias=False, name="project_to_hidden", **kw)(
-            img
-        )
-        if cfg.image_pos_embed:
-            table = self.param(
-                "image_pos_embed",
-                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
-                (gh * gw, d), self.param_dtype)
-            img = img + jnp.asarray(table, dt)[None]
+        img, (gh, gw) = self._image_input(image_ids, temb, "")
+        if cfg.condition_image_input:  # clean images (the condition) take a path of their own
+            is_condition = ~jnp.any(image_ids == cfg.mask_token_id, axis=(1, 2))
+            img = jnp.where(is_condition[:, None, None],
+                            self._image_input(image_ids, temb, CONDITION_PREFIX)[0], img)
 
         cos, sin = rope_cos_sin(rope_ids(n_seq, gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
         if cfg.rope_free_heads:
@@ -711,7 +733,8 @@ def codebook_init(params: Mapping[str, Any], codebook: jax.Array, key: jax.Array
     projection (one for the input, one for the output), then scaled to the random init's
     standard deviation: codes whose patches look alike start alike, so rare codes get
     meaningful embeddings before the generator has seen them often. Other rows (mask and extra
-    ids) keep their random init.
+    ids) keep their random init. A ``condition_embed`` (``condition_image_input``) gets the
+    same rows.
     """
     k = codebook.shape[0]
     table = jnp.asarray(params["embed"]["embeddings"]["embedding"])
@@ -728,8 +751,11 @@ def codebook_init(params: Mapping[str, Any], codebook: jax.Array, key: jax.Array
         return (x * (jnp.std(like) / (jnp.std(x) + 1e-12))).astype(like.dtype)
 
     out = jax.tree.map(lambda x: x, dict(params))
-    out["embed"]["embeddings"]["embedding"] = table.at[:k].set(
-        project(k_in, table.shape[1], table))
+    rows = project(k_in, table.shape[1], table)
+    for embed in ("embed", CONDITION_PREFIX + "embed"):  # the condition's path starts alike
+        if embed in out:
+            own = jnp.asarray(out[embed]["embeddings"]["embedding"])
+            out[embed]["embeddings"]["embedding"] = own.at[:k].set(rows)
     out["mlm_layer"]["conv2"]["kernel"] = project(k_out, kernel.shape[0], kernel).T
     return out
 

@@ -106,6 +106,9 @@ def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     if cfg.text_registers:
         raise ValueError(f"text_registers={cfg.text_registers}: upstream has no register tokens; "
                          "only text_registers=0 can be ported")
+    if cfg.condition_image_input:
+        raise ValueError("condition_image_input=True: upstream has one image input path; only "
+                         "condition_image_input=False can be ported")
     out: list[ParamMap] = []
     for sub in ("timestep_embedder", "text_embedder"):
         for lin in ("linear_1", "linear_2"):

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: learned register tokens appended to the MM-DiT text stream (always visible,
         # never targets; MMDiTConfig.text_registers, BENCHMARKS.md §1.23)
         text_registers=0,
+        # tiny only: clean images (captioning / VQA condition) take an image input path of
+        # their own, images being generated keep upstream's (MMDiTConfig.condition_image_input)
+        condition_image_input=False,
         # visible text padding is no MM-DiT attention key (any preset; upstream attends to it;
         # MudditConfig.mask_text_padding, BENCHMARKS.md §1.23)
         mask_text_padding=False,
@@ -306,6 +309,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 rope_free_heads=int(m.rope_free_heads), rope_scope=str(m.rope_scope),
                 resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
                 conv_kernel=int(m.conv_kernel), text_registers=int(m.text_registers),
+                condition_image_input=bool(m.condition_image_input),
             ),
         )
     if m.preset == "muddit_512":
