@@ -21,8 +21,9 @@ MMDIT = MMDiTConfig(
     tokenizer_vocab_size=40, downsample=True, upsample=True, conv_blocks=1,
     image_pos_embed=True, text_registers=2, t5_dim=20, condition_image_input=True,
 )
+# disjoint; "blocks" = the two block kinds
 PARTS = ("image_input", "condition_image_input", "text_input", "conditioning", "dual_blocks",
-         "single_blocks", "image_head", "text_head", "text_encoder")  # disjoint; "blocks" = the two block kinds
+         "single_blocks", "image_head", "text_head", "text_encoder")
 
 
 @pytest.fixture(scope="module")
