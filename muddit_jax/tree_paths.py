@@ -15,15 +15,14 @@ from typing import Any
 
 import jax
 
-from muddit_jax.models.mmdit import CONDITION_PREFIX
+from muddit_jax.models.mmdit import CONDITION_PREFIX, IMAGE_INPUT_MODULES
 
 
 _M = "mmdit/"
 _DUAL, _SINGLE = r"transformer_blocks_\d+/.*", r"single_transformer_blocks_\d+/.*"
 # the image input path: code embedding (+ RMSNorm, 1x1 conv), ConvNeXt blocks, down-sampling,
 # projection, positions
-_IMAGE_INPUT = (r"(embed|down_convnext_\d+|down_block(_\d+)?|project_to_hidden(_norm)?"
-                r"|image_pos_embed)(/.*)?")
+_IMAGE_INPUT = f"({IMAGE_INPUT_MODULES})(/.*)?"
 # the MM-DiT's parts in data-flow order, and the text encoder; each group is one regex
 PARAM_GROUPS: dict[str, str] = {
     "image_input": _M + _IMAGE_INPUT,

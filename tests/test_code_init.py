@@ -108,3 +108,29 @@ def test_frozen_codebook_embedding_stays_at_its_init_through_training(tmp_path) 
     moved = np.abs(end["mlm_layer"]["conv2"]["kernel"]
                    - start.params["mmdit"]["mlm_layer"]["conv2"]["kernel"]).max()
     assert moved > 1e-4
+
+
+def test_init_from_a_run_without_the_condition_path_copies_its_input_path(tmp_path) -> None:
+    """``model.condition_image_input`` with ``train.init_from`` a checkpoint that lacks the
+    ``condition_*`` path: the path starts as the checkpoint's trained image input path, and
+    every other param is the checkpoint's."""
+    from muddit_jax.train.checkpoint import Checkpointer
+    from muddit_jax.train.run import build_run, init_state
+
+    source = build_run(_smoke_config())
+    state = source.setup.init(3, None)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(0, state, {})
+    ckpt.close()
+    config = _smoke_config(condition_image_input=True)
+    config.train.update(init_from=str(tmp_path / "ckpt"), vq_from="")  # the VQ: from there too
+    run = build_run(config)
+    got, resumed = init_state(run, Checkpointer(tmp_path / "new"), data=None)
+    assert not resumed
+    old, new = state.all_params()["mmdit"], got.all_params()["mmdit"]
+    copies = {k for k in new if k.startswith("condition_")}
+    assert copies and copies == {"condition_" + k for k in old if "condition_" + k in new}
+    for name in copies:
+        jax.tree.map(np.testing.assert_array_equal, new[name], old[name[len("condition_"):]])
+    for name in old:
+        jax.tree.map(np.testing.assert_array_equal, new[name], old[name])

@@ -24,6 +24,7 @@ from muddit_jax.models.mmdit import (
     CONDITION_PREFIX,
     MMDiT,
     MMDiTConfig,
+    add_condition_input,
     dummy_inputs,
     stack_block_params,
     unstack_block_params,
@@ -601,6 +602,11 @@ def test_condition_image_input_option():
         base = name[len(CONDITION_PREFIX):]
         assert masked[name] == 0.0 and masked[base] > 0.0
         assert clean[base] == 0.0 and clean[name] > 0.0
+    # add_condition_input: the copy of the usual path makes both rows answer as without it
+    started = add_condition_input(usual)
+    assert set(started) == set(params) and add_condition_input(started) == started
+    for g, m in zip(MMDiT(on).apply({"params": started}, *inputs), want_masked):
+        assert_close(g, m, tol=1e-5)
     assert "condition_image_input" not in off.to_hf_config()
     assert MMDiTConfig.from_hf_config(on.to_hf_config()) == on
     with pytest.raises(ValueError, match="condition_image_input=True: upstream has one"):

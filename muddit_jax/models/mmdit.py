@@ -48,6 +48,9 @@ UPSTREAM_ROPE_THETA = 10000.0
 ROPE_SCOPES = ("all", "image")
 # module-name prefix of the image input path for clean images (``condition_image_input``)
 CONDITION_PREFIX = "condition_"
+# the top-level modules of the image input path (every one before the blocks)
+IMAGE_INPUT_MODULES = (r"embed|down_convnext_\d+|down_block(_\d+)?|project_to_hidden(_norm)?"
+                       r"|image_pos_embed")
 
 
 def rope_axes_ok(axes: Sequence[Any], head_dim: int) -> bool:
@@ -757,6 +760,19 @@ def codebook_init(params: Mapping[str, Any], codebook: jax.Array, key: jax.Array
             own = jnp.asarray(out[embed]["embeddings"]["embedding"])
             out[embed]["embeddings"]["embedding"] = own.at[:k].set(rows)
     out["mlm_layer"]["conv2"]["kernel"] = project(k_out, kernel.shape[0], kernel).T
+    return out
+
+
+def add_condition_input(params: Mapping[str, Any]) -> dict[str, Any]:
+    """(Unboxed, unrolled or scanned) params of an MM-DiT without ``condition_image_input`` ->
+    params with it: the ``condition_*`` path starts as a copy of the trained image input path,
+    so a model that reads images keeps reading them. Params that have the path pass through."""
+    out = dict(params)
+    if any(name.startswith(CONDITION_PREFIX) for name in params):
+        return out
+    for name, sub in params.items():
+        if re.fullmatch(IMAGE_INPUT_MODULES, name):
+            out[CONDITION_PREFIX + name] = jax.tree.map(jnp.copy, sub)
     return out
 
 

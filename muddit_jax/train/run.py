@@ -190,6 +190,11 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
             from muddit_jax.models.mmdit import stack_block_params
 
             pretrained["mmdit"] = stack_block_params(pretrained["mmdit"])
+        if run.nets.muddit.config.mmdit.condition_image_input and "mmdit" in pretrained:
+            from muddit_jax.models.mmdit import add_condition_input
+
+            # a checkpoint without the condition's path: it starts as the trained usual one
+            pretrained["mmdit"] = add_condition_input(pretrained["mmdit"])
     if config.train.vq_from:
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
