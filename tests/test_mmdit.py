@@ -616,6 +616,49 @@ def test_condition_image_input_option():
     assert C.model_config(c).mmdit.condition_image_input
 
 
+@pytest.mark.parametrize("rope_scope", ["all", "image"])
+def test_condition_image_isolated_option(rope_scope: str):
+    """``condition_image_isolated``: a clean row's image logits do not depend on the text
+    (states, pooled embedding) while its text logits read the image; a row with a mask token
+    runs exactly the model without the option. The key travels only when on; not ported."""
+    from muddit_jax.train import config as C
+
+    on = MMDiTConfig(**BASE, text_registers=2, rope_scope=rope_scope,
+                     condition_image_isolated=True)
+    off = dataclasses.replace(on, condition_image_isolated=False)
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    ids = inputs[0] % on.codebook_size  # row 0 clean (the condition), row 1 partly masked
+    inputs[0] = ids.at[1, :2].set(on.mask_token_id)
+    keys = jnp.ones((B, L), bool).at[:, -2:].set(False)
+    params = MMDiT(on).init(jax.random.key(0), *inputs, keys)["params"]
+
+    def run(cfg: MMDiTConfig, args: list) -> tuple[jax.Array, jax.Array]:
+        return MMDiT(cfg).apply({"params": params}, *args, keys)
+
+    def differ(a: jax.Array, b: jax.Array) -> bool:
+        return float(jnp.abs(a - b).max()) > 1e-3
+
+    img, txt = run(on, inputs)
+    new_text = [jnp.asarray(v) for v in _inputs(BASE, seed=1).values()]
+    other_text = [inputs[0], *new_text[1:3], *inputs[3:]]
+    img_t, txt_t = run(on, other_text)
+    assert_close(img_t[0], img[0], tol=1e-6)  # the condition's image features ignore the text
+    assert differ(txt_t[0], txt[0]) and differ(img_t[1], img[1])
+    other_image = [inputs[0].at[0].set((inputs[0][0] + 1) % on.codebook_size), *inputs[1:]]
+    assert differ(run(on, other_image)[1][0], txt[0])  # the text still reads the image
+    img_off, txt_off = run(off, inputs)
+    assert_close(img[1], img_off[1], tol=1e-5)  # a row being generated is unchanged
+    assert_close(txt[1], txt_off[1], tol=1e-5)
+    assert differ(txt[0], txt_off[0])
+    assert "condition_image_isolated" not in off.to_hf_config()
+    assert MMDiTConfig.from_hf_config(on.to_hf_config()) == on
+    with pytest.raises(ValueError, match="condition_image_isolated=True: upstream's image"):
+        key_map(dataclasses.replace(on, text_registers=0, rope_scope="all"))
+    c = C.base_config()
+    c.model.condition_image_isolated = True
+    assert C.model_config(c).mmdit.condition_image_isolated
+
+
 def test_resample_levels_option():
     """``resample_levels=2`` stacks two 2x down/up-sampling levels: the blocks see 16x fewer
     image tokens (the position table's rows count them), logits stay on the code grid, level 0

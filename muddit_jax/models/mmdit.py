@@ -97,6 +97,11 @@ class MMDiTConfig:
     ``condition_project_to_hidden``, ...: every module before the blocks, same shapes), while
     images being generated (any mask token) keep upstream's; the blocks and heads are shared,
     so T2I rows send no gradient into the condition's path (BENCHMARKS.md §1.35).
+    ``condition_image_isolated`` (not upstream: False) encodes images without a mask token
+    apart from the text: their tokens attend to no text position or register in any block and
+    the row's conditioning gets a zero pooled text embedding, so the condition's image features
+    cannot depend on the question (as a VLM's image encoder); the text still attends to the
+    image, and rows with a mask token are unchanged (BENCHMARKS.md §1.36).
     """
 
     patch_size: int = 1
@@ -125,6 +130,7 @@ class MMDiTConfig:
     conv_kernel: int = 3
     text_registers: int = 0
     condition_image_input: bool = False
+    condition_image_isolated: bool = False
 
     def __post_init__(self):
         if not rope_axes_ok(self.axes_dims_rope, self.attention_head_dim):
@@ -191,7 +197,8 @@ class MMDiTConfig:
             del d["image_pos_embed"]
         for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
                               ("rope_free_heads", 0), ("text_registers", 0),
-                              ("rope_scope", "all"), ("condition_image_input", False)):
+                              ("rope_scope", "all"), ("condition_image_input", False),
+                              ("condition_image_isolated", False)):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -646,9 +653,12 @@ class MMDiT(nn.Module):
                 f"micro_conds must be [{b}, {NUM_MICRO_CONDS}], got {micro_conds.shape}"
             )
 
-        cond = jnp.concatenate(
-            [pooled.astype(jnp.float32), micro_cond_embedding(micro_conds)], axis=-1
-        ).astype(dt)
+        # a clean image is the condition (captioning / VQA); one being generated holds a mask id
+        is_condition = ~jnp.any(image_ids == cfg.mask_token_id, axis=(1, 2))
+        pooled = pooled.astype(jnp.float32)
+        if cfg.condition_image_isolated:
+            pooled = jnp.where(is_condition[:, None], 0.0, pooled)
+        cond = jnp.concatenate([pooled, micro_cond_embedding(micro_conds)], axis=-1).astype(dt)
         cond = MLPEmbedding(d, d, use_bias=False, name="cond_embed", **kw)(cond)
         temb = TimestepTextEmbedding(d, name="time_text_embed", **kw)(
             timestep.astype(jnp.float32) * 1000.0, cond
@@ -673,7 +683,6 @@ class MMDiT(nn.Module):
 
         img, (gh, gw) = self._image_input(image_ids, temb, "")
         if cfg.condition_image_input:  # clean images (the condition) take a path of their own
-            is_condition = ~jnp.any(image_ids == cfg.mask_token_id, axis=(1, 2))
             img = jnp.where(is_condition[:, None, None],
                             self._image_input(image_ids, temb, CONDITION_PREFIX)[0], img)
 
@@ -690,6 +699,8 @@ class MMDiT(nn.Module):
             keys = jnp.concatenate(  # registers and image tokens are always keys
                 [text_keys.astype(bool), jnp.ones((b, n_seq - n_txt + img.shape[1]), bool)],
                 axis=1)[:, None, None, :]
+        if cfg.condition_image_isolated:
+            keys = _isolate_condition(keys, is_condition, n_seq, n_seq + img.shape[1])
         blocks = (temb, cos, sin, keys)
         image_start = n_seq if cfg.rope_scope == "image" else None  # None: rotate every score
         txt, img = self._blocks(DualStreamBlock, DUAL, cfg.num_layers, image_start, (txt, img),
@@ -721,6 +732,17 @@ class MMDiT(nn.Module):
             x = ConvNeXtBlock(cfg.conv_kernel, name=f"up_convnext_{i}", **kw)(x, temb)
         logits = MlmHead(cfg.codebook_size, name="mlm_layer", **kw)(x).astype(jnp.float32)
         return logits, text_logits
+
+
+def _isolate_condition(keys: jax.Array | None, is_condition: jax.Array, n_seq: int,
+                       length: int) -> jax.Array:
+    """Attention mask ``[b, 1, length, length]``: ``keys`` (``[b, 1, 1, length]`` or None = all)
+    with the scores of image queries (positions ``n_seq:``) on text and register keys (``:n_seq``)
+    removed in ``is_condition`` rows."""
+    pos = jnp.arange(length)
+    image_on_text = (pos[:, None] >= n_seq) & (pos[None, :] < n_seq)
+    allowed = ~(is_condition[:, None, None, None] & image_on_text[None, None])
+    return allowed if keys is None else allowed & keys
 
 
 def _level_name(block: str, level: int) -> str:

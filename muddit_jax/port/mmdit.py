@@ -109,6 +109,9 @@ def key_map(config: MMDiTConfig | Mapping[str, Any]) -> list[ParamMap]:
     if cfg.condition_image_input:
         raise ValueError("condition_image_input=True: upstream has one image input path; only "
                          "condition_image_input=False can be ported")
+    if cfg.condition_image_isolated:
+        raise ValueError("condition_image_isolated=True: upstream's image tokens attend to the "
+                         "text; only condition_image_isolated=False can be ported")
     out: list[ParamMap] = []
     for sub in ("timestep_embedder", "text_embedder"):
         for lin in ("linear_1", "linear_2"):

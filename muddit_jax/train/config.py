@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: clean images (captioning / VQA condition) take an image input path of
         # their own, images being generated keep upstream's (MMDiTConfig.condition_image_input)
         condition_image_input=False,
+        # tiny only: clean images are encoded apart from the text (their tokens attend to no
+        # text key, zero pooled text; MMDiTConfig.condition_image_isolated)
+        condition_image_isolated=False,
         # visible text padding is no MM-DiT attention key (any preset; upstream attends to it;
         # MudditConfig.mask_text_padding, BENCHMARKS.md §1.23)
         mask_text_padding=False,
@@ -310,6 +313,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 resample_levels=int(m.resample_levels), conv_blocks=int(m.conv_blocks),
                 conv_kernel=int(m.conv_kernel), text_registers=int(m.text_registers),
                 condition_image_input=bool(m.condition_image_input),
+                condition_image_isolated=bool(m.condition_image_isolated),
             ),
         )
     if m.preset == "muddit_512":
