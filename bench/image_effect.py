@@ -10,8 +10,14 @@ question type whose ``acc_other_image`` matches ``acc`` is answered from the que
 alone: on a memorised run that is recall of the training questions, not reading (BENCHMARKS.md
 §1.13).
 
+``--guidance S`` adds ``acc_guided`` / ``ce_guided``: scored on ``own + (S - 1) * (own - null)``
+log-probs (renormalised),
+image guidance at answer time (the understanding side's classifier-free guidance), with
+``--null other`` (another scene's image, as above) or ``mask`` (every image code masked) as the
+image-free branch (BENCHMARKS.md §1.36).
+
 ``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]
-[--padding masked|visible] [--step N]``
+[--padding masked|visible] [--step N] [--guidance S --null other|mask]``
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from muddit_jax.data import shapes
 from muddit_jax.data.text import encode_vqa
 
 PADDING = ("masked", "visible")
+NULLS = ("other", "mask")
 
 
 def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: int
@@ -56,12 +63,16 @@ def question_rows(examples: list[shapes.ShapesExample], tokenizer: Any, length: 
 
 
 def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "masked",
-            step: int | None = None) -> list[dict[str, Any]]:
+            step: int | None = None, guidance: float | None = None, null: str = "other"
+            ) -> list[dict[str, Any]]:
     """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
     images are rolled for the other-image score (0 scores the own image twice); ``padding``:
-    ``masked`` (as the sampler starts) or ``visible``; ``step``: the checkpoint (latest: None)."""
+    ``masked`` (as the sampler starts) or ``visible``; ``step``: the checkpoint (latest: None);
+    ``guidance``/``null``: add ``acc_guided`` (None: no such column)."""
     if padding not in PADDING:
         raise ValueError(f"padding={padding!r}: use one of {PADDING}")
+    if null not in NULLS:
+        raise ValueError(f"null={null!r}: use one of {NULLS}")
     _, pipe, options = shapes_run.load(workdir, "the questions", step)
     if pipe.config.mmdit.tokenizer_vocab_size is None:
         raise ValueError("this MM-DiT has no text decoder head: nothing answers questions")
@@ -73,21 +84,27 @@ def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "m
         region = region & ~pads
     masked = np.where(region, tok.mask_id, ids)  # as the sampler starts the answer
     (model, nets), q = shapes_run.generator(pipe), len(ids)
+    target, keep = jnp.asarray(ids)[..., None], jnp.asarray(answer)
 
     @jax.jit
-    def score(image_codes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def log_probs(image_codes: jax.Array) -> jax.Array:
         _, logits = model.apply({"params": nets}, image_codes, jnp.asarray(masked),
                                 jnp.ones((q,), jnp.float32), jnp.asarray(pipe._micro(q)))
-        logp = jax.nn.log_softmax(logits[..., : tok.vocab_size])
-        target = jnp.asarray(ids)[..., None]
+        return jax.nn.log_softmax(logits[..., : tok.vocab_size])
+
+    def score(logp: jax.Array) -> tuple[np.ndarray, np.ndarray]:
         ce = -jnp.take_along_axis(logp, target, axis=-1)[..., 0]
         right = jnp.argmax(logp, axis=-1) == target[..., 0]
-        keep = jnp.asarray(answer)
-        return jnp.where(keep, ce, 0.0).sum(-1), jnp.all(right | ~keep, axis=-1)
+        return (np.asarray(jnp.where(keep, ce, 0.0).sum(-1)),
+                np.asarray(jnp.all(right | ~keep, axis=-1)))
 
-    own = score(jnp.asarray(codes[scene]))
-    other = score(jnp.asarray(np.roll(codes, shift, axis=0)[scene]))
-    (ce, acc), (ce_other, acc_other) = ((np.asarray(a) for a in s) for s in (own, other))
+    own_codes = jnp.asarray(codes[scene])
+    own, other = log_probs(own_codes), log_probs(jnp.asarray(np.roll(codes, shift, axis=0)[scene]))
+    (ce, acc), (ce_other, acc_other) = score(own), score(other)
+    if guidance is not None:
+        empty = log_probs(jnp.full_like(own_codes, pipe.config.mmdit.mask_token_id))
+        base = other if null == "other" else empty
+        ce_guided, acc_guided = score(jax.nn.log_softmax(own + (guidance - 1.0) * (own - base)))
     groups = collections.defaultdict(list)
     for row, kind in enumerate(kinds):
         groups[kind].append(row)
@@ -100,6 +117,9 @@ def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "m
                          ce=round(float(ce[idx].mean()), 3),
                          ce_other_image=round(float(ce_other[idx].mean()), 3),
                          image_effect=round(float((ce_other[idx] - ce[idx]).mean()), 3)))
+        if guidance is not None:
+            rows[-1].update(acc_guided=round(float(acc_guided[idx].mean()), 3),
+                            ce_guided=round(float(ce_guided[idx].mean()), 3))
     return rows
 
 
@@ -113,11 +133,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step", type=int, default=None,
                    help="score this checkpoint (default: the latest); keep several with "
                         "--config.checkpoint.keep=N to follow a run")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="add acc_guided: answers from own + (S - 1) * (own - null) log-probs")
+    p.add_argument("--null", choices=NULLS, default="other",
+                   help="the image-free branch of --guidance: another scene's image, or masked")
     args = p.parse_args(argv)
     if args.scenes < 2:
         p.error(f"--scenes {args.scenes}: need at least 2 (the other image is another scene's)")
     rows = measure(args.workdir, 8 if args.smoke else args.scenes, args.split,
-                   padding=args.padding, step=args.step)
+                   padding=args.padding, step=args.step, guidance=args.guidance,
+                   null=args.null)
     return common.finish("image_effect", args, {f"answers on {args.split}, own vs other image":
                                                 (rows, None)})
 

@@ -189,6 +189,16 @@ def test_image_effect_reads_the_run(run, tmp_path) -> None:
         assert r["image_effect"] == pytest.approx(r["ce_other_image"] - r["ce"], abs=2e-3)
     same = image_effect.measure(workdir, 4, "test", shift=0)
     assert all(r["acc"] == r["acc_other_image"] and r["image_effect"] == 0 for r in same)
+    assert "acc_guided" not in same[0]
+    # guidance against the own image, or at scale 1, answers as the own image does
+    for scale, null in ((3.0, "other"), (1.0, "mask")):
+        guided = image_effect.measure(workdir, 4, "test", shift=0, guidance=scale, null=null)
+        assert all(r["acc_guided"] == r["acc"] for r in guided)
+        assert all(r["ce_guided"] == pytest.approx(r["ce"], abs=2e-3) for r in guided)
+    masked = image_effect.measure(workdir, 4, "test", shift=0, guidance=3.0, null="mask")
+    assert all(abs(r["ce_guided"] - r["ce"]) > 1e-2 for r in masked)
+    with pytest.raises(ValueError, match="null='blank': use one of"):
+        image_effect.measure(workdir, 4, "test", guidance=2.0, null="blank")
     visible = image_effect.measure(workdir, 4, "test", shift=0, padding="visible")
     assert [r["questions"] for r in visible] == [r["questions"] for r in same]
     assert any(r["ce"] != s["ce"] for r, s in zip(visible, same))  # the padding is an input
