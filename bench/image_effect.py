@@ -102,8 +102,8 @@ def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "m
     own, other = log_probs(own_codes), log_probs(jnp.asarray(np.roll(codes, shift, axis=0)[scene]))
     (ce, acc), (ce_other, acc_other) = score(own), score(other)
     if guidance is not None:
-        empty = log_probs(jnp.full_like(own_codes, pipe.config.mmdit.mask_token_id))
-        base = other if null == "other" else empty
+        base = other if null == "other" else log_probs(
+            jnp.full_like(own_codes, pipe.config.mmdit.mask_token_id))
         ce_guided, acc_guided = score(jax.nn.log_softmax(own + (guidance - 1.0) * (own - base)))
     groups = collections.defaultdict(list)
     for row, kind in enumerate(kinds):
