@@ -10,11 +10,10 @@ question type whose ``acc_other_image`` matches ``acc`` is answered from the que
 alone: on a memorised run that is recall of the training questions, not reading (BENCHMARKS.md
 §1.13).
 
-``--guidance S`` adds ``acc_guided`` / ``ce_guided``: scored on ``own + (S - 1) * (own - null)``
-log-probs (renormalised),
-image guidance at answer time (the understanding side's classifier-free guidance), with
-``--null other`` (another scene's image, as above) or ``mask`` (every image code masked) as the
-image-free branch (BENCHMARKS.md §1.36).
+``--guidance S`` adds ``acc_guided`` / ``ce_guided``, scored on the renormalised log-probs
+``own + (S - 1) * (own - null)``: image guidance at answer time (the understanding side's
+classifier-free guidance), with ``--null other`` (another scene's image, as above) or ``mask``
+(every image code masked) as the image-free branch (BENCHMARKS.md §1.36).
 
 ``python -m bench.image_effect --workdir runs/shapes [--split test] [--scenes 128]
 [--padding masked|visible] [--step N] [--guidance S --null other|mask]``
@@ -68,7 +67,7 @@ def measure(workdir: Path, n: int, split: str, shift: int = 1, padding: str = "m
     """One row per question type and an ``all`` row (see the module doc); ``shift``: how far the
     images are rolled for the other-image score (0 scores the own image twice); ``padding``:
     ``masked`` (as the sampler starts) or ``visible``; ``step``: the checkpoint (latest: None);
-    ``guidance``/``null``: add ``acc_guided`` (None: no such column)."""
+    ``guidance``/``null``: add ``acc_guided`` and ``ce_guided`` (None: no such columns)."""
     if padding not in PADDING:
         raise ValueError(f"padding={padding!r}: use one of {PADDING}")
     if null not in NULLS:

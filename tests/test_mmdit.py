@@ -560,6 +560,14 @@ def test_text_registers_option():
     assert C.model_config(c).mmdit.text_registers == 2
 
 
+def _condition_and_generated_rows(cfg: MMDiTConfig) -> list[jax.Array]:
+    """``_inputs(BASE)`` as arrays with row 0's image clean (the condition) and row 1's partly
+    masked (being generated)."""
+    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
+    inputs[0] = (inputs[0] % cfg.codebook_size).at[1, :2].set(cfg.mask_token_id)
+    return inputs
+
+
 def test_condition_image_input_option():
     """``condition_image_input``: a row whose image has no mask token runs exactly upstream's
     model with the ``condition_*`` copy of the image input path, a row with one exactly the
@@ -569,9 +577,7 @@ def test_condition_image_input_option():
 
     on = MMDiTConfig(**BASE, conv_blocks=1, image_pos_embed=True, condition_image_input=True)
     off = dataclasses.replace(on, condition_image_input=False)
-    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
-    ids = inputs[0] % on.codebook_size  # row 0 clean (the condition), row 1 partly masked
-    inputs[0] = ids.at[1, :2].set(on.mask_token_id)
+    inputs = _condition_and_generated_rows(on)
     boxed = MMDiT(on).init(jax.random.key(0), *inputs)["params"]
     copies = {k for k in boxed if k.startswith(CONDITION_PREFIX)}
     assert copies == {"condition_" + k for k in ("embed", "down_convnext_0", "down_block",
@@ -626,9 +632,7 @@ def test_condition_image_isolated_option(rope_scope: str):
     on = MMDiTConfig(**BASE, text_registers=2, rope_scope=rope_scope,
                      condition_image_isolated=True)
     off = dataclasses.replace(on, condition_image_isolated=False)
-    inputs = [jnp.asarray(v) for v in _inputs(BASE).values()]
-    ids = inputs[0] % on.codebook_size  # row 0 clean (the condition), row 1 partly masked
-    inputs[0] = ids.at[1, :2].set(on.mask_token_id)
+    inputs = _condition_and_generated_rows(on)
     keys = jnp.ones((B, L), bool).at[:, -2:].set(False)
     params = MMDiT(on).init(jax.random.key(0), *inputs, keys)["params"]
 
