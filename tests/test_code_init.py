@@ -134,3 +134,9 @@ def test_init_from_a_run_without_the_condition_path_copies_its_input_path(tmp_pa
         jax.tree.map(np.testing.assert_array_equal, new[name], old[name[len("condition_"):]])
     for name in old:
         jax.tree.map(np.testing.assert_array_equal, new[name], old[name])
+    # ConvNeXt blocks of the condition's path alone: the checkpoint has none to copy
+    config.model.condition_conv_blocks = 2
+    with pytest.raises(ValueError, match=r"condition_conv_blocks=2: train.init_from .* has no "
+                                         r"condition_down_convnext_1"):
+        init_state(build_run(config), Checkpointer(tmp_path / "new2"), data=None)
+    assert not (tmp_path / "new2").exists() or not any((tmp_path / "new2").iterdir())

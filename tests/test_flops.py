@@ -122,3 +122,19 @@ def test_meissonic_1b_train_step_flops() -> None:
     xla = float(run.lower().cost_analysis()["flops"])
     ours = F.train_step_flops(run.model, batch=8, grid=32, text_len=77)
     assert abs(ours / xla - 1) < 0.02, (ours, xla)
+
+
+def test_condition_path_forward(setup) -> None:
+    """The condition's own image input path (with its ConvNeXt blocks) matches XLA's count."""
+    cfg, _, _, (ids, _, t, micro) = setup
+    context, pooled = jnp.zeros((B, L, WIDTH)), jnp.zeros((B, WIDTH))
+    counts = []
+    for extra in ({}, dict(condition_image_input=True, condition_conv_blocks=2)):
+        m = dataclasses.replace(cfg.mmdit, conv_kernel=7, **extra)
+        model = MMDiT(m)
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids, context, pooled,
+                                                   t, micro))
+        counts.append((xla_flops(lambda p: model.apply(p, ids, context, pooled, t, micro),
+                                 params), F.mmdit_forward_flops(m, B, GRID, GRID, L)))
+    (xla0, ours0), (xla1, ours1) = counts
+    assert ours1 > ours0 and abs((ours1 - ours0) / (xla1 - xla0) - 1) < 0.15, counts

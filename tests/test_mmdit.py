@@ -622,6 +622,44 @@ def test_condition_image_input_option():
     assert C.model_config(c).mmdit.condition_image_input
 
 
+def test_condition_conv_blocks_option():
+    """``condition_conv_blocks``: the condition's path alone gets ConvNeXt blocks after its
+    ``conv_blocks``; a clean row's text logits are those of the model with that many
+    ``conv_blocks`` on the condition's weights, a row being generated is the model without
+    them. Needs ``condition_image_input``; travels only when on; wired from the config."""
+    from muddit_jax.train import config as C
+
+    on = MMDiTConfig(**BASE, conv_blocks=1, condition_image_input=True, condition_conv_blocks=2)
+    inputs = _condition_and_generated_rows(on)
+    params = nn.unbox(MMDiT(on).init(jax.random.key(0), *inputs)["params"])
+    convs = sorted(k for k in params if "convnext" in k)
+    assert convs == ["condition_down_convnext_0", "condition_down_convnext_1",
+                     "condition_down_convnext_2", "down_convnext_0", "up_convnext_0"]
+    got_image, got_text = MMDiT(on).apply({"params": params}, *inputs)
+    usual = {k: v for k, v in params.items() if not k.startswith(CONDITION_PREFIX)}
+    want_image, want_text = MMDiT(dataclasses.replace(
+        on, condition_image_input=False, condition_conv_blocks=0)).apply({"params": usual}, *inputs)
+    assert_close(got_image[1], want_image[1], tol=1e-5)
+    assert_close(got_text[1], want_text[1], tol=1e-5)
+    three = dataclasses.replace(on, conv_blocks=3, condition_image_input=False,
+                                condition_conv_blocks=0)
+    as_three = {**usual, **{k[len(CONDITION_PREFIX):]: v for k, v in params.items()
+                            if k.startswith(CONDITION_PREFIX)}}
+    as_three["up_convnext_1"] = as_three["up_convnext_2"] = params["up_convnext_0"]
+    assert_close(got_text[0], MMDiT(three).apply({"params": as_three}, *inputs)[1][0], tol=1e-5)
+    assert float(jnp.abs(got_text[0] - want_text[0]).max()) > 1e-3
+    assert MMDiTConfig.from_hf_config(on.to_hf_config()) == on
+    assert "condition_conv_blocks" not in dataclasses.replace(
+        on, condition_conv_blocks=0).to_hf_config()
+    for bad in (dict(condition_conv_blocks=-1),
+                dict(condition_image_input=False, condition_conv_blocks=1)):
+        with pytest.raises(ValueError, match="condition_conv_blocks=.* needs condition_image_in"):
+            dataclasses.replace(on, **bad)
+    c = C.base_config()
+    c.model.update(condition_image_input=True, condition_conv_blocks=2)
+    assert C.model_config(c).mmdit.condition_conv_blocks == 2
+
+
 @pytest.mark.parametrize("rope_scope", ["all", "image"])
 def test_condition_image_isolated_option(rope_scope: str):
     """``condition_image_isolated``: a clean row's image logits do not depend on the text

@@ -102,6 +102,10 @@ class MMDiTConfig:
     the row's conditioning gets a zero pooled text embedding, so the condition's image features
     cannot depend on the question (as a VLM's image encoder); the text still attends to the
     image, and rows with a mask token are unchanged (BENCHMARKS.md §1.36).
+    ``condition_conv_blocks`` (not upstream: 0; needs ``condition_image_input``) adds that many
+    ConvNeXt blocks to the condition's path alone (``condition_down_convnext_{i}`` after its
+    ``conv_blocks`` ones): local features of the image being read, without their cost to the
+    all-masked start of T2I (BENCHMARKS.md §1.7, §1.37).
     """
 
     patch_size: int = 1
@@ -131,6 +135,7 @@ class MMDiTConfig:
     text_registers: int = 0
     condition_image_input: bool = False
     condition_image_isolated: bool = False
+    condition_conv_blocks: int = 0
 
     def __post_init__(self):
         if not rope_axes_ok(self.axes_dims_rope, self.attention_head_dim):
@@ -152,6 +157,10 @@ class MMDiTConfig:
         if self.conv_blocks < 0 or self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_blocks={self.conv_blocks} must be >= 0 and conv_kernel="
                              f"{self.conv_kernel} odd and >= 1 (upstream: no conv blocks)")
+        if self.condition_conv_blocks < 0 or (self.condition_conv_blocks
+                                              and not self.condition_image_input):
+            raise ValueError(f"condition_conv_blocks={self.condition_conv_blocks} must be >= 0 "
+                             "and needs condition_image_input=True (upstream: 0)")
         if self.text_registers < 0:
             raise ValueError(f"text_registers={self.text_registers} must be >= 0 (upstream: 0)")
         if not 0 <= self.rope_free_heads <= self.num_attention_heads:
@@ -198,7 +207,8 @@ class MMDiTConfig:
         for key, upstream in (("resample_levels", 1), ("conv_blocks", 0), ("conv_kernel", 3),
                               ("rope_free_heads", 0), ("text_registers", 0),
                               ("rope_scope", "all"), ("condition_image_input", False),
-                              ("condition_image_isolated", False)):
+                              ("condition_image_isolated", False),
+                              ("condition_conv_blocks", 0)):
             if d[key] == upstream:  # nor these
                 del d[key]
         return d
@@ -597,7 +607,7 @@ class MMDiT(nn.Module):
         cfg, b, d = self.config, image_ids.shape[0], self.config.inner_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = ConvEmbed(cfg.vocab_size, d, name=prefix + "embed", **kw)(image_ids)
-        for i in range(cfg.conv_blocks):
+        for i in range(cfg.conv_blocks + (cfg.condition_conv_blocks if prefix else 0)):
             x = ConvNeXtBlock(cfg.conv_kernel, name=f"{prefix}down_convnext_{i}", **kw)(x, temb)
         for level in range(cfg.down_levels):
             x = Downsample(name=prefix + _level_name("down_block", level), **kw)(x)

@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         # tiny only: clean images are encoded apart from the text (their tokens attend to no
         # text key, zero pooled text; MMDiTConfig.condition_image_isolated)
         condition_image_isolated=False,
+        # tiny only: ConvNeXt blocks the condition's own input path adds to its conv_blocks
+        # (MMDiTConfig.condition_conv_blocks, BENCHMARKS.md §1.37)
+        condition_conv_blocks=0,
         # visible text padding is no MM-DiT attention key (any preset; upstream attends to it;
         # MudditConfig.mask_text_padding, BENCHMARKS.md §1.23)
         mask_text_padding=False,
@@ -314,6 +317,7 @@ def _model_config(c: ml_collections.ConfigDict) -> MudditConfig:
                 conv_kernel=int(m.conv_kernel), text_registers=int(m.text_registers),
                 condition_image_input=bool(m.condition_image_input),
                 condition_image_isolated=bool(m.condition_image_isolated),
+                condition_conv_blocks=int(m.condition_conv_blocks),
             ),
         )
     if m.preset == "muddit_512":

@@ -44,13 +44,17 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int)
     if cfg.t5_dim is not None:
         f += 2.0 * b * L * cfg.t5_dim * cfg.joint_attention_dim
     f += 2.0 * b * L * text_in * d  # context_embedder
-    f += 2.0 * b * hw * d * d  # conv embed (1x1)
     # ConvNeXt blocks: depthwise conv + 4x MLP per code, and the conditioning mapper
     convnext = 2.0 * b * hw * (cfg.conv_kernel**2 * d + 8 * d * d) + 4.0 * b * d * d
-    f += 2 * cfg.conv_blocks * convnext  # before the down- and after the up-sampling
     resampled = [hw // 4 ** (k + 1) for k in range(cfg.down_levels)]
-    f += sum(2.0 * b * m * 4 * d * d for m in resampled)  # 2x2 stride-2 convs
-    f += 2.0 * b * n * d * d  # project_to_hidden
+
+    def image_input(conv_blocks: int) -> float:  # conv embed (1x1), convs, 2x2 stride-2, proj.
+        down = sum(2.0 * b * m * 4 * d * d for m in resampled)
+        return 2.0 * b * hw * d * d + conv_blocks * convnext + down + 2.0 * b * n * d * d
+
+    f += image_input(cfg.conv_blocks) + cfg.conv_blocks * convnext  # and after the up-sampling
+    if cfg.condition_image_input:  # every row runs both paths (one is kept per row)
+        f += image_input(cfg.conv_blocks + cfg.condition_conv_blocks)
     attn = 4.0 * b * s * s * d
     f += cfg.num_layers * (24.0 * b * s * d * d + attn + 24.0 * b * d * d)
     f += cfg.num_single_layers * (24.0 * b * s * d * d + attn + 6.0 * b * d * d)

@@ -195,6 +195,13 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
 
             # a checkpoint without the condition's path: it starts as the trained usual one
             pretrained["mmdit"] = add_condition_input(pretrained["mmdit"])
+            mm = run.nets.muddit.config.mmdit
+            last = f"condition_down_convnext_{mm.conv_blocks + mm.condition_conv_blocks - 1}"
+            if mm.condition_conv_blocks and last not in pretrained["mmdit"]:
+                raise ValueError(
+                    f"model.condition_conv_blocks={mm.condition_conv_blocks}: train.init_from "
+                    f"{config.train.init_from} has no {last}; start such a run fresh or from "
+                    "a checkpoint with as many condition blocks")
     if config.train.vq_from:
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
