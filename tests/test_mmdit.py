@@ -568,6 +568,15 @@ def _condition_and_generated_rows(cfg: MMDiTConfig) -> list[jax.Array]:
     return inputs
 
 
+def _usual_and_condition_paths(params: dict) -> tuple[dict, dict]:
+    """Unboxed ``params`` -> (the usual modules alone, the ``condition_*`` modules under the
+    usual names)."""
+    usual = {k: v for k, v in params.items() if not k.startswith(CONDITION_PREFIX)}
+    renamed = {k[len(CONDITION_PREFIX):]: v for k, v in params.items()
+               if k.startswith(CONDITION_PREFIX)}
+    return usual, renamed
+
+
 def test_condition_image_input_option():
     """``condition_image_input``: a row whose image has no mask token runs exactly upstream's
     model with the ``condition_*`` copy of the image input path, a row with one exactly the
@@ -588,8 +597,8 @@ def test_condition_image_input_option():
                             is_leaf=lambda x: isinstance(x, nn.Partitioned))
         assert all(jax.tree.leaves(same))
     params = nn.unbox(boxed)
-    usual = {k: v for k, v in params.items() if k not in copies}
-    swapped = {**usual, **{k[len(CONDITION_PREFIX):]: params[k] for k in copies}}
+    usual, renamed = _usual_and_condition_paths(params)
+    swapped = {**usual, **renamed}
     got = MMDiT(on).apply({"params": params}, *inputs)
     want_clean = MMDiT(off).apply({"params": swapped}, *inputs)
     want_masked = MMDiT(off).apply({"params": usual}, *inputs)
@@ -636,15 +645,14 @@ def test_condition_conv_blocks_option():
     assert convs == ["condition_down_convnext_0", "condition_down_convnext_1",
                      "condition_down_convnext_2", "down_convnext_0", "up_convnext_0"]
     got_image, got_text = MMDiT(on).apply({"params": params}, *inputs)
-    usual = {k: v for k, v in params.items() if not k.startswith(CONDITION_PREFIX)}
+    usual, renamed = _usual_and_condition_paths(params)
     want_image, want_text = MMDiT(dataclasses.replace(
         on, condition_image_input=False, condition_conv_blocks=0)).apply({"params": usual}, *inputs)
     assert_close(got_image[1], want_image[1], tol=1e-5)
     assert_close(got_text[1], want_text[1], tol=1e-5)
     three = dataclasses.replace(on, conv_blocks=3, condition_image_input=False,
                                 condition_conv_blocks=0)
-    as_three = {**usual, **{k[len(CONDITION_PREFIX):]: v for k, v in params.items()
-                            if k.startswith(CONDITION_PREFIX)}}
+    as_three = {**usual, **renamed}
     as_three["up_convnext_1"] = as_three["up_convnext_2"] = params["up_convnext_0"]
     assert_close(got_text[0], MMDiT(three).apply({"params": as_three}, *inputs)[1][0], tol=1e-5)
     assert float(jnp.abs(got_text[0] - want_text[0]).max()) > 1e-3

@@ -190,12 +190,12 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
             from muddit_jax.models.mmdit import stack_block_params
 
             pretrained["mmdit"] = stack_block_params(pretrained["mmdit"])
-        if run.nets.muddit.config.mmdit.condition_image_input and "mmdit" in pretrained:
+        mm = run.nets.muddit.config.mmdit
+        if mm.condition_image_input and "mmdit" in pretrained:
             from muddit_jax.models.mmdit import add_condition_input
 
             # a checkpoint without the condition's path: it starts as the trained usual one
             pretrained["mmdit"] = add_condition_input(pretrained["mmdit"])
-            mm = run.nets.muddit.config.mmdit
             last = f"condition_down_convnext_{mm.conv_blocks + mm.condition_conv_blocks - 1}"
             if mm.condition_conv_blocks and last not in pretrained["mmdit"]:
                 raise ValueError(
