@@ -79,7 +79,7 @@ def test_run_starts_from_the_codebook_and_rejects_bad_values() -> None:
                              jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
     got = state.params["mmdit"]["embed"]["embeddings"]["embedding"]
     np.testing.assert_allclose(got, expected["embed"]["embeddings"]["embedding"], atol=1e-6)
-    assert code_init_edit(_smoke_config()) is None
+    assert code_init_edit(_smoke_config(code_init="random")) is None
     with pytest.raises(ValueError, match="model.code_init"):
         build_run(_smoke_config(code_init="pixels"))
     no_images = _smoke_config(code_init="codebook")
@@ -113,16 +113,18 @@ def test_frozen_codebook_embedding_stays_at_its_init_through_training(tmp_path) 
 def test_init_from_a_run_without_the_condition_path_copies_its_input_path(tmp_path) -> None:
     """``model.condition_image_input`` with ``train.init_from`` a checkpoint that lacks the
     ``condition_*`` path: the path starts as the checkpoint's trained image input path, and
-    every other param is the checkpoint's."""
+    every other param is the checkpoint's (``model.code_init="codebook"`` edits fresh params
+    only, so the checkpoint's code embedding stays)."""
     from muddit_jax.train.checkpoint import Checkpointer
     from muddit_jax.train.run import build_run, init_state
 
-    source = build_run(_smoke_config())
+    source = build_run(_smoke_config(condition_image_input=False, condition_conv_blocks=0))
     state = source.setup.init(3, None)
     ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(0, state, {})
     ckpt.close()
-    config = _smoke_config(condition_image_input=True)
+    config = _smoke_config(condition_image_input=True, condition_conv_blocks=0,
+                           code_init="codebook")
     config.train.update(init_from=str(tmp_path / "ckpt"), vq_from="")  # the VQ: from there too
     run = build_run(config)
     got, resumed = init_state(run, Checkpointer(tmp_path / "new"), data=None)

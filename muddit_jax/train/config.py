@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
         # diffusers | patch: per-patch networks (a code sees and decodes only its own pixels)
         vq_encoder="diffusers", vq_decoder="diffusers",
         # initial MM-DiT code embedding / MLM output: random | codebook (from the run's VQ
-        # codebook, so codes whose patches look alike start alike; muddit_jax/train/run.py)
+        # codebook, so codes whose patches look alike start alike; muddit_jax/train/run.py).
+        # An MM-DiT from train.init_from keeps the checkpoint's values
         code_init="random",
         rope_theta=10000.0,  # tiny only: RoPE base (upstream 10000; see MMDiTConfig.rope_theta)
         image_pos_embed=False,  # tiny only: learned absolute image position embedding

@@ -206,8 +206,9 @@ def init_state(run: Run, ckpt: Checkpointer, data: Any) -> tuple[TrainState, boo
         if not config.data.images:
             raise ValueError("train.vq_from needs data.images=True (the VQ encodes the images)")
         pretrained["vq"] = load_params(config.train.vq_from)["vq"]
-    state = run.setup.init(config.seed, pretrained or None, edit=code_init_edit(config),
-                           step_seed=step_seed)
+    # model.code_init shapes a fresh MM-DiT; one from train.init_from keeps its trained codes
+    edit = None if "mmdit" in pretrained else code_init_edit(config)
+    state = run.setup.init(config.seed, pretrained or None, edit=edit, step_seed=step_seed)
     return state, False
 
 
@@ -217,15 +218,16 @@ CODE_INITS = ("random", "codebook")
 def code_init_edit(config: ml_collections.ConfigDict) -> Any:
     """The initial-params edit of ``model.code_init``: ``"codebook"`` sets the MM-DiT's code
     embedding and MLM output from the VQ codebook (:func:`~muddit_jax.models.mmdit.codebook_init`;
-    needs the VQ in the run and a fresh MM-DiT), ``"random"`` none."""
+    needs the VQ in the run; an MM-DiT from ``train.init_from`` is not edited), ``"random"``
+    none."""
     mode = config.model.code_init
     if mode not in CODE_INITS:
         raise ValueError(f"model.code_init={mode!r}: use one of {CODE_INITS}")
     if mode == "random":
         return None
-    if not config.data.images or config.train.init_from:
-        raise ValueError("model.code_init='codebook' initialises a fresh MM-DiT from the run's "
-                         "VQ: it needs data.images=True and no train.init_from")
+    if not config.data.images:
+        raise ValueError("model.code_init='codebook' initialises the MM-DiT from the run's VQ: "
+                         "it needs data.images=True (or set model.code_init='random')")
     from muddit_jax.models.mmdit import codebook_init
 
     def edit(params: dict[str, Any]) -> dict[str, Any]:
