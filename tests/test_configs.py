@@ -14,7 +14,7 @@ from muddit_jax.cli import train as train_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ARGS = {
-    "shapes_tiny": [None, "smoke"],
+    "shapes_tiny": [None, "smoke", "plain", "plain,smoke"],
     "train_tiny": [None, "images,micro"],
     "muddit_512": [None, "data", "tensor", "fsdp,synthetic"],
     "meissonic_1024": [None],
@@ -37,6 +37,25 @@ def test_every_config_file_is_listed() -> None:
 def test_config_loads(name: str, arg: str | None) -> None:
     c = load(name, arg)
     assert c.data.global_batch > 0 and c.train.steps > 0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_shapes_tiny_plain_undoes_exactly_the_settings_the_default_gained() -> None:
+    """``shapes_tiny.py:plain`` is the default before BENCHMARKS.md §1.39 (§1.1-§1.38 ran from
+    it): it differs from the default in those settings and in nothing else."""
+    new, old = (_flat(load("shapes_tiny", a).to_dict()) for a in (None, "plain"))
+    assert new.keys() == old.keys()
+    assert {k for k in new if new[k] != old[k]} == {
+        "model.rope_axes", "model.image_pos_embed", "model.code_init", "optim.freeze",
+        "model.condition_image_input", "model.condition_conv_blocks", "loss.weighting",
+        "loss.text_pad_masking", "data.mixture.captions.weight", "data.mixture.vqa.weight"}
+    assert not old["model.condition_image_input"] and old["model.rope_axes"] == ()
 
 
 @pytest.mark.parametrize("name,arg", [("muddit_512", "zero3"), ("muddit_512_sft", "scratch"),
