@@ -30,7 +30,8 @@
 #   PYTHON (python3), EXTRA (more --config overrides, space separated), CONFIG
 #   (configs/shapes_tiny.py; path[:arg]), DEVICE_DIR (.device), WORK (/tmp: the probe and run
 #   workdirs go there), STEPS (a fixed run length instead of the probe's; evaluations every
-#   STEPS / EVALS steps).
+#   STEPS / EVALS steps), KILL_AFTER (30: seconds from the DEADLINE's SIGTERM, on which the
+#   trainer saves a checkpoint, to SIGKILL; a TERM during the compile waits for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -40,6 +41,7 @@ RATE_FACTOR=${RATE_FACTOR:-0.7}
 PROBE_STEPS=${PROBE_STEPS:-200}
 EVALS=${EVALS:-2}
 DEADLINE=${DEADLINE:-520}
+KILL_AFTER=${KILL_AFTER:-30}
 BATCH=${BATCH:-32}
 LIMIT=${LIMIT:-256}
 PYTHON=${PYTHON:-python3}
@@ -70,8 +72,8 @@ train() {  # workdir steps extra-overrides...
   shift 2
   rm -rf "$dir" && mkdir -p "$dir" && cp -r "$DEV/run/." "$dir/"
   # shellcheck disable=SC2086
-  ${TIMEOUT:+timeout -k 30 "$TIMEOUT"} "$PYTHON" -m muddit_jax.cli.train --config "$CONFIG" \
-    --workdir "$dir" --stage mmdit --config.train.steps="$steps" \
+  ${TIMEOUT:+timeout -k "$KILL_AFTER" "$TIMEOUT"} "$PYTHON" -m muddit_jax.cli.train \
+    --config "$CONFIG" --workdir "$dir" --stage mmdit --config.train.steps="$steps" \
     --config.data.global_batch="$BATCH" \
     --config.log.every=50 --config.eval.limit="$LIMIT" ${EXTRA:-} "$@"
 }
@@ -98,7 +100,8 @@ EOF
 fi
 
 # 2. the run: cosine schedule over STEPS, eval every EVERY steps (and at the end), cut at
-# DEADLINE (exit code 124): SIGTERM, on which the trainer saves a checkpoint, SIGKILL 30 s later
+# DEADLINE (exit code 124): SIGTERM, on which the trainer saves a checkpoint, SIGKILL KILL_AFTER
+# seconds later
 left=$((DEADLINE - ($(date +%s) - T0)))
 [[ $left -gt 0 ]] || { echo "device_shapes: DEADLINE ($DEADLINE s) passed before the run"; exit 1; }
 rc=0
