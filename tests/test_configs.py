@@ -39,17 +39,12 @@ def test_config_loads(name: str, arg: str | None) -> None:
     assert c.data.global_batch > 0 and c.train.steps > 0
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def test_shapes_tiny_plain_undoes_exactly_the_settings_the_default_gained() -> None:
     """``shapes_tiny.py:plain`` is the default before BENCHMARKS.md §1.39 (§1.1-§1.38 ran from
     it): it differs from the default in those settings and in nothing else."""
-    new, old = (_flat(load("shapes_tiny", a).to_dict()) for a in (None, "plain"))
+    from flax.traverse_util import flatten_dict
+
+    new, old = (flatten_dict(load("shapes_tiny", a).to_dict(), sep=".") for a in (None, "plain"))
     assert new.keys() == old.keys()
     assert {k for k in new if new[k] != old[k]} == {
         "model.rope_axes", "model.image_pos_embed", "model.code_init", "optim.freeze",
