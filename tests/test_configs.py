@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from flax.traverse_util import flatten_dict
 
 from muddit_jax.cli import train as train_cli
 
@@ -42,8 +43,6 @@ def test_config_loads(name: str, arg: str | None) -> None:
 def test_shapes_tiny_plain_undoes_exactly_the_settings_the_default_gained() -> None:
     """``shapes_tiny.py:plain`` is the default before BENCHMARKS.md §1.39 (§1.1-§1.38 ran from
     it): it differs from the default in those settings and in nothing else."""
-    from flax.traverse_util import flatten_dict
-
     new, old = (flatten_dict(load("shapes_tiny", a).to_dict(), sep=".") for a in (None, "plain"))
     assert new.keys() == old.keys()
     assert {k for k in new if new[k] != old[k]} == {
