@@ -153,8 +153,8 @@ def train_task(task: str, *, steps: int, grid: int, width: int, lr: float,
                       jnp.ones((BATCH,)), probe["micro_conds"])["params"]
     tx = optax.adam(lr)
 
-    def forward(p: Any, *args: jax.Array) -> Any:
-        return net.apply({"params": p}, *args)
+    def forward(p: Any, *args: jax.Array, generated_rows: int | None = None) -> Any:
+        return net.apply({"params": p}, *args, generated_rows=generated_rows)
 
     @jax.jit
     def step(params: Any, opt: Any, batch: dict, key: jax.Array) -> tuple[Any, Any]:

@@ -33,6 +33,13 @@ def arm(pretokenize: bool, smoke: bool, t2i_stop_gradient: str = "",
         **model: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(compiled step, state, global batch)`` of the default with or without codes;
     ``model`` overrides ``config.model`` fields (e.g. ``width=64``)."""
+    run, state, batch = default_run(pretokenize, smoke, t2i_stop_gradient, **model)
+    return run.compile(), state, batch
+
+
+def default_run(pretokenize: bool, smoke: bool, t2i_stop_gradient: str = "",
+                **model: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(run, state, global batch)`` of the default (see :func:`arm`)."""
     config = load_config(str(CONFIG) + (":smoke" if smoke else ""))
     config.model.update(model)
     config.loss.t2i_stop_gradient = t2i_stop_gradient
@@ -48,7 +55,7 @@ def arm(pretokenize: bool, smoke: bool, t2i_stop_gradient: str = "",
     local = next(data)
     if "text_maskable" in run.batch_abstract:  # caption-like rows: all of the text is maskable
         local["text_maskable"] = np.ones_like(local["text_valid"])
-    return run.compile(), state, run.global_batch(local)
+    return run, state, run.global_batch(local)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -64,8 +64,9 @@ def jax_step_fn(
         attention_impl=attention_impl,
     )
 
-    def forward_fn(params, image_ids, text_ids, timestep, micro_conds):
-        return model.apply({"params": params}, image_ids, text_ids, timestep, micro_conds)
+    def forward_fn(params, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
+        return model.apply({"params": params}, image_ids, text_ids, timestep, micro_conds,
+                           generated_rows)
 
     loss_fn = make_loss_fn(forward_fn, loss_config(size))
     tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)

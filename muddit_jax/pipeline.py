@@ -327,9 +327,9 @@ class MudditPipeline:
 
         def logits_fn(context: Any, tokens: jax.Array, t: jax.Array) -> jax.Array:
             p, ctx, pooled, micro, keys = context
-            logits, _ = muddit.apply(
+            logits, _ = muddit.apply(  # every row has masked tokens left to predict
                 {"params": p}, tokens.reshape(-1, grid, grid), ctx, pooled, t, micro, keys,
-                method=Muddit.denoise,
+                tokens.shape[0], method=Muddit.denoise,
             )
             return logits.reshape(tokens.shape[0], grid * grid, -1)
 
@@ -357,7 +357,8 @@ class MudditPipeline:
 
         def logits_fn(context: Any, tokens: jax.Array, t: jax.Array) -> jax.Array:
             p, codes, micro = context
-            _, text_logits = muddit.apply({"params": p}, codes, tokens, t, micro)
+            _, text_logits = muddit.apply({"params": p}, codes, tokens, t, micro,
+                                          generated_rows=0)  # every image is a clean condition
             return text_logits
 
         def program(params, rng, pixels, ids, fixed, micro):

@@ -255,3 +255,15 @@ def test_t2i_settings_parse():
                           ("temp=1", "temp")]:
         with pytest.raises(ValueError, match=fragment):
             parse_setting(bad, base)
+
+
+def test_image_paths(tmp_path):
+    from bench import image_paths
+
+    out = _run(image_paths, tmp_path)
+    each, both, ratio = _rows(out)
+    assert [r["image input"] for r in (each, both, ratio)] == [
+        "each row's path", "both paths on every row", "both / each row's"]
+    assert min(each["median ms"], both["median ms"]) > 0 and ratio["median ms"] == out["speedup"]
+    # the same loss and gradient either way (float32 reduction order aside)
+    assert out["loss_diff"] < 1e-5 and out["max_grad_diff"] < 1e-5

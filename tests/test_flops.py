@@ -138,3 +138,9 @@ def test_condition_path_forward(setup) -> None:
                                  params), F.mmdit_forward_flops(m, B, GRID, GRID, L)))
     (xla0, ours0), (xla1, ours1) = counts
     assert ours1 > ours0 and abs((ours1 - ours0) / (xla1 - xla0) - 1) < 0.15, counts
+    # generated_rows: upstream's path on the first rows, the condition's on the rest
+    n = B // 2
+    xla_n = xla_flops(lambda p: model.apply(p, ids, context, pooled, t, micro, None, n), params)
+    ours_n = F.mmdit_forward_flops(m, B, GRID, GRID, L, n)
+    assert ours0 < ours_n < ours1, (ours0, ours_n, ours1)
+    assert abs((ours_n - ours0) / (xla_n - xla0) - 1) < 0.15, (xla0, ours0, xla_n, ours_n)

@@ -55,8 +55,8 @@ def test_each_modality_is_learned_from_the_other(downsample: bool) -> None:
                       jnp.ones((BATCH,)), probe["micro_conds"])["params"]
     tx = optax.adam(3e-3)
 
-    def forward(p, *args):
-        return net.apply({"params": p}, *args)
+    def forward(p, *args, generated_rows=None):
+        return net.apply({"params": p}, *args, generated_rows=generated_rows)
 
     @jax.jit
     def step(params, opt, batch, key):

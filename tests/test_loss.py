@@ -38,14 +38,17 @@ def config(**kw) -> LossConfig:
 
 
 class Recorder:
-    """A forward that records its (concrete) inputs and returns logits from ``logits_of``."""
+    """A forward that records its (concrete) inputs and ``generated_rows`` and returns logits
+    from ``logits_of``."""
 
     def __init__(self, logits_of):
         self.logits_of = logits_of
         self.calls: list[tuple[np.ndarray, ...]] = []
+        self.rows: list[int | None] = []
 
-    def __call__(self, params, image_ids, text_ids, timestep, micro_conds):
+    def __call__(self, params, image_ids, text_ids, timestep, micro_conds, generated_rows):
         self.calls.append(tuple(np.asarray(x) for x in (image_ids, text_ids, timestep)))
+        self.rows.append(generated_rows)
         return self.logits_of(params, image_ids, text_ids, timestep)
 
 
@@ -161,6 +164,7 @@ def test_split_halves_mask_the_right_modality() -> None:
     np.testing.assert_array_equal(txt_in[:2], txt[:2])
     np.testing.assert_array_equal(img_in[2:], ids[2:])
     np.testing.assert_array_equal(np.where(img_m, ids, img_in), ids)
+    assert fwd.rows == [2]  # the model is told which rows generate their image
     np.testing.assert_array_equal(np.where(txt_m, txt, txt_in), txt)
     assert t.shape == (B,) and np.all((t >= 0) & (t <= 1))
 
@@ -290,6 +294,7 @@ def test_joint_mode_masks_both_modalities_in_every_row() -> None:
     f = Recorder(uniform_logits)
     loss, m = run(f, batch, seed=4, mode="joint", cond_dropout=0.0)
     img_in, txt_in, t = f.calls[0]
+    assert f.rows == [None]  # every row generates both modalities
     assert (img_in == IMG_MASK).reshape(B, -1).sum(-1).min() >= 1
     assert (txt_in == TXT_MASK).sum(-1).min() >= 1
     n_img = (img_in == IMG_MASK).reshape(B, -1).sum(-1)
@@ -324,7 +329,7 @@ class ToyModel:
         }
 
     @staticmethod
-    def forward(p, image_ids, text_ids, timestep, micro_conds):
+    def forward(p, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
         hi = p["img_emb"][image_ids] + timestep[:, None, None, None]
         ht = p["txt_emb"][text_ids] + hi.mean((1, 2))[:, None, :]
         return jnp.tanh(hi) @ p["img_out"], jnp.tanh(ht) @ p["txt_out"]
@@ -378,6 +383,10 @@ def test_t2i_stop_gradient_leaves_matched_params_to_the_other_rows() -> None:
     assert_close(g_on["img_out"], g_off["img_out"], 1e-6)
     assert float(jnp.abs(g_off["img_emb"] - g_text["img_emb"]).max()) > 1e-4
     assert float(jnp.abs(g_on["img_emb"]).max()) > 1e-4  # the text rows still reach it
+    # the two forwards are told that all of the first's rows and none of the second's generate
+    fwd = Recorder(lambda p, *inputs: ToyModel.forward(p, *inputs, None))
+    run(fwd, batch, params=params, **on)
+    assert fwd.rows == [B // 2, 0] and [len(c[0]) for c in fwd.calls] == [B // 2, B - B // 2]
 
 
 def test_t2i_stop_gradient_with_only_t2i_rows_and_bad_settings() -> None:

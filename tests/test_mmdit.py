@@ -668,6 +668,37 @@ def test_condition_conv_blocks_option():
     assert C.model_config(c).mmdit.condition_conv_blocks == 2
 
 
+def test_generated_rows_runs_each_path_on_its_rows():
+    """``generated_rows=n`` (rows ``[0, n)`` generated, the rest clean) gives every row the
+    logits and the gradient of the default, which runs both image input paths on every row;
+    ``n`` outside ``[0, b]`` is refused by name."""
+    cfg = MMDiTConfig(**BASE, conv_blocks=1, image_pos_embed=True, condition_image_input=True,
+                      condition_conv_blocks=1)
+    inputs = [x[::-1] for x in _condition_and_generated_rows(cfg)]  # row 0 masked, row 1 clean
+    model = MMDiT(cfg)
+    params = nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
+    want = model.apply({"params": params}, *inputs)
+    got = model.apply({"params": params}, *inputs, None, 1)
+    for g, w in zip(got, want):
+        assert_close(g, w, tol=1e-5)
+    for rows, n in ((slice(0, 1), 1), (slice(1, 2), 0)):  # one kind of row alone: n = 1 or 0
+        alone = model.apply({"params": params}, *(x[rows] for x in inputs), None, n)
+        for g, w in zip(alone, want):
+            assert_close(g, w[rows], tol=1e-5)
+
+    def grads(n: int | None) -> dict:
+        loss = lambda p: sum((o ** 2).sum() for o in model.apply({"params": p}, *inputs, None, n))
+        return jax.grad(loss)(params)
+
+    both, split = flatten(grads(None)), flatten(grads(1))
+    assert set(split) == set(both)
+    for path, g in split.items():
+        assert_close(g, both[path], tol=1e-4, what=str(path))
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=f"generated_rows={bad} must be in"):
+            model.apply({"params": params}, *inputs, None, bad)
+
+
 @pytest.mark.parametrize("rope_scope", ["all", "image"])
 def test_condition_image_isolated_option(rope_scope: str):
     """``condition_image_isolated``: a clean row's image logits do not depend on the text

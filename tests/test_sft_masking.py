@@ -43,7 +43,7 @@ def config(**kw) -> LossConfig:
     return LossConfig(**{**base, **kw})
 
 
-def logits_forward(params, image_ids, text_ids, timestep, micro_conds):
+def logits_forward(params, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
     """The text logits are the parameters themselves: d loss / d logits shows the targets."""
     b = image_ids.shape[0]
     return jnp.zeros((b, H, W, V_IMG)), params + 0.0 * text_ids[..., None]
@@ -59,7 +59,7 @@ def masked_inputs(batch, seed: int, **kw) -> tuple[np.ndarray, np.ndarray]:
     """``(text input [b, l], timestep [b])`` the forward saw."""
     seen = {}
 
-    def forward(params, image_ids, text_ids, timestep, micro_conds):
+    def forward(params, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
         seen["text"], seen["t"] = np.asarray(text_ids), np.asarray(timestep)
         return logits_forward(params, image_ids, text_ids, timestep, micro_conds)
 

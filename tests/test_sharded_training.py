@@ -12,7 +12,8 @@ import pytest
 
 from muddit_jax.train.checkpoint import load_params
 from muddit_jax.train.metrics import read_jsonl
-from tests.train_runner import CLI_OVERRIDES, LAYOUTS, REPO, TINY, env, finish, launch, start
+from tests.train_runner import (CLI_OVERRIDES, LAYOUT_MODEL, LAYOUTS, REPO, TINY, env, finish,
+                                launch, start)
 
 TOL = 1e-5
 
@@ -113,7 +114,7 @@ def _cli(workdir: Path, *overrides: str) -> list[str]:
 def test_two_processes_equal_one_process(layouts, tmp_path, cache) -> None:
     """2 processes x 4 devices (mesh data x fsdp x tensor = (1 x dcn 2) x 2 x 2, via
     ``launch/local.sh`` and ``muddit-train``) == the 1-process 8-device mixed run of ``layouts``
-    (same init, batches and optimizer): losses and params after 3 steps."""
+    (same init, model, batches and optimizer): losses and params after 3 steps."""
     results, layouts_tmp = layouts
     multi_env = env(4, cache)
     multi_env.update(NUM_PROCESSES="2", DEVICES_PER_PROCESS="", LOG_DIR=str(tmp_path / "logs"))
@@ -121,7 +122,8 @@ def test_two_processes_equal_one_process(layouts, tmp_path, cache) -> None:
         ["bash", str(REPO / "launch" / "local.sh"),
          *_cli(tmp_path / "multi", "--config.train.steps=3", "--config.checkpoint.every=3",
                "--config.mesh.dcn_data=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2")],
+               "--config.mesh.tensor=2",
+               *(f"--config.model.{k}={v}" for k, v in LAYOUT_MODEL.items()))],
         cwd=REPO, env=multi_env, capture_output=True, text=True, timeout=300, check=False)
     logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text()[-3000:] for i in (0, 1))
     assert multi.returncode == 0, logs

@@ -32,6 +32,9 @@ CLI_OVERRIDES = ("--config.optim.schedule=constant", "--config.optim.warmup_step
                  "--config.optim.lr=0.001", "--config.optim.eps=1e-5",
                  "--config.train.ema_decay=0.9")
 FF = ("mmdit", "transformer_blocks_0", "ff", "proj_in")  # kernel [embed, mlp], bias [mlp]
+# the layouts' model: clean rows take their own image input path, so the sharded step slices
+# the batch between the two paths (``generated_rows``)
+LAYOUT_MODEL = dict(condition_image_input=True, condition_conv_blocks=1)
 
 
 def env(devices: int, cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
@@ -145,18 +148,20 @@ def cmd_layouts(args: dict[str, Any]) -> dict[str, Any]:
     assert len(devices) == 8, devices
     out: dict[str, Any] = {}
     host0 = batches = None
+    model = LAYOUT_MODEL
     for name, accum in args["layouts"]:
         train = dict(grad_accum=accum)
         if name == "reference":
-            cfg = _config(mesh=dict(data=1), train=train)
+            cfg = _config(mesh=dict(data=1), train=train, model=model)
             run = build_run(cfg, devices[:1])
         else:
             layout = LAYOUTS[name]
-            cfg = _config(mesh=dict(layout["mesh"], rules=layout["rules"]), train=train)
+            cfg = _config(mesh=dict(layout["mesh"], rules=layout["rules"]), train=train,
+                          model=model)
             run = build_run(cfg, devices)
         if host0 is None:  # the same init everywhere: made once, placed per layout
             init_run = run if name == "reference" else build_run(
-                _config(mesh=dict(data=1), train=train), devices[:1])
+                _config(mesh=dict(data=1), train=train, model=model), devices[:1])
             host0 = jax.device_get(init_run.setup.init(cfg.seed))
             data = SyntheticData(run.model, global_batch=8, grid=4, text_length=8)
             batches = [data.global_batch_at(i) for i in range(STEPS)]
@@ -201,7 +206,8 @@ def cmd_restore(args: dict[str, Any]) -> dict[str, Any]:
     from muddit_jax.train.run import build_run
 
     assert len(jax.devices()) == 2
-    run = build_run(_config(mesh=dict(data=1, fsdp=2, tensor=1, rules="fsdp")))
+    run = build_run(_config(mesh=dict(data=1, fsdp=2, tensor=1, rules="fsdp"),
+                            model=LAYOUT_MODEL))
     restored = Checkpointer(args["ckpt"]).restore_or_none(run.setup.abstract)
     saved = dict(np.load(args["npz"]))  # the mixed layout's final state
     kernel = restored.state.params

@@ -9,7 +9,12 @@ passes on two half-batches; here ``mode="split"`` packs both halves into ONE for
 Interface with the model::
 
     forward_fn(params, image_ids [b,h,w] i32, text_ids [b,l] i32, timestep [b] f32 in [0,1],
-               micro_conds [b,5]) -> (image_logits [b,h,w,V_img], text_logits [b,l,V_txt])
+               micro_conds [b,5], *, generated_rows: int | None)
+        -> (image_logits [b,h,w,V_img], text_logits [b,l,V_txt])
+
+``generated_rows`` (static) says that rows ``[0, n)`` generate their image and the rest hold
+clean images (``mode="split"``; ``None`` in ``mode="joint"``); a model may use it to run only
+the image input path each row needs (:class:`~muddit_jax.models.mmdit.MMDiT`) or ignore it.
 
 ``timestep`` is the mask ratio ``r`` of the modality being generated (upstream feeds ``r * 1000``
 to a model that multiplies by 1000 again; the model wrapper owns that scaling).
@@ -242,12 +247,18 @@ def _forward_t2i_apart(forward_fn: ForwardFn, params: Any, inputs: tuple[Array, 
         lambda stop, p: jax.lax.stop_gradient(p) if stop else p, held, params)
     b = inputs[0].shape[0]
     if n_t2i == 0:
-        return forward_fn(params, *inputs)
+        return forward_fn(params, *inputs, generated_rows=0)
     if n_t2i == b:
-        return forward_fn(t2i_params, *inputs)
-    head = forward_fn(t2i_params, *(x[:n_t2i] for x in inputs))
-    tail = forward_fn(params, *(x[n_t2i:] for x in inputs))
+        return forward_fn(t2i_params, *inputs, generated_rows=b)
+    head = forward_fn(t2i_params, *(x[:n_t2i] for x in inputs), generated_rows=n_t2i)
+    tail = forward_fn(params, *(x[n_t2i:] for x in inputs), generated_rows=0)
     return tuple(None if h is None else jnp.concatenate([h, t]) for h, t in zip(head, tail))
+
+
+def generated_rows(mode: str, t2i_fraction: float, batch: int) -> int | None:
+    """The ``generated_rows`` a ``batch``-row forward of this loss is called with: ``split``
+    mode's T2I rows come first (``round(batch * t2i_fraction)``); ``joint``: ``None``."""
+    return round(batch * t2i_fraction) if mode == "split" else None
 
 
 def _masked_mean(x: Array, rows: Array) -> Array:
@@ -352,11 +363,12 @@ def diffusion_loss(
     text_in = apply_mask(text_ids_cond, txt_mask, config.text_mask_id)
     timestep = jnp.where(img_rows, r_img, r_txt)
     inputs = (image_in, text_in, timestep, micro_conds)
+    n_generated = generated_rows(config.mode, config.t2i_fraction, b)
     if config.t2i_stop_gradient:
-        image_logits, text_logits = _forward_t2i_apart(forward_fn, params, inputs,
-                                                       round(b * config.t2i_fraction), config)
+        image_logits, text_logits = _forward_t2i_apart(forward_fn, params, inputs, n_generated,
+                                                       config)
     else:
-        image_logits, text_logits = forward_fn(params, *inputs)
+        image_logits, text_logits = forward_fn(params, *inputs, generated_rows=n_generated)
 
     img_ce, img_correct = _masked_ce(image_logits, image_ids, img_mask)
     if text_logits is None:  # a T2I-only generator (no text head): every row must be T2I

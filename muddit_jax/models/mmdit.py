@@ -625,6 +625,27 @@ class MMDiT(nn.Module):
             img = img + jnp.asarray(table, self.dtype)[None]
         return img, (gh, gw)
 
+    def _image_paths(self, image_ids: jax.Array, temb: jax.Array, is_condition: jax.Array,
+                     generated_rows: int | None) -> tuple[jax.Array, tuple[int, int]]:
+        """Block tokens of every row from upstream's image input path or, with
+        ``condition_image_input``, the condition's for clean rows (see ``generated_rows`` in
+        :meth:`__call__`)."""
+        n, b = generated_rows, image_ids.shape[0]
+        if n is not None and not 0 <= n <= b:
+            raise ValueError(f"generated_rows={n} must be in [0, {b}] (the batch's rows)")
+        if not self.config.condition_image_input:
+            return self._image_input(image_ids, temb, "")
+        if n is None:
+            img, grid = self._image_input(image_ids, temb, "")
+            cond = self._image_input(image_ids, temb, CONDITION_PREFIX)[0]
+            return jnp.where(is_condition[:, None, None], cond, img), grid
+        parts = []
+        if n:
+            parts.append(self._image_input(image_ids[:n], temb[:n], ""))
+        if n < b:
+            parts.append(self._image_input(image_ids[n:], temb[n:], CONDITION_PREFIX))
+        return jnp.concatenate([p[0] for p in parts]), parts[0][1]
+
     @nn.compact
     def __call__(
         self,
@@ -634,6 +655,7 @@ class MMDiT(nn.Module):
         timestep: jax.Array,
         micro_conds: jax.Array,
         text_keys: jax.Array | None = None,
+        generated_rows: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Predict image-token and text-token logits.
 
@@ -650,6 +672,12 @@ class MMDiT(nn.Module):
           text_keys: ``[b, l]`` bool, False where a text position is no attention key in any
             block (its state still updates but informs no other position); ``None`` = every
             position is a key (upstream).
+          generated_rows: static ``n``, a promise that rows ``[0, n)`` hold images being
+            generated and rows ``[n, b)`` clean condition images. With
+            ``condition_image_input`` each row then runs only its own image input path (half
+            the work in a split batch). ``None``: every row runs both paths and keeps the one
+            its mask ids pick. The two agree on every row that keeps the promise; a generated
+            row without a mask id (nothing to predict) takes upstream's path under the promise.
 
         Returns:
           ``image_logits`` ``[b, h, w, codebook_size]`` and ``text_logits``
@@ -691,10 +719,7 @@ class MMDiT(nn.Module):
                 axis=1)
         n_seq = txt.shape[1]  # text positions and registers
 
-        img, (gh, gw) = self._image_input(image_ids, temb, "")
-        if cfg.condition_image_input:  # clean images (the condition) take a path of their own
-            img = jnp.where(is_condition[:, None, None],
-                            self._image_input(image_ids, temb, CONDITION_PREFIX)[0], img)
+        img, (gh, gw) = self._image_paths(image_ids, temb, is_condition, generated_rows)
 
         cos, sin = rope_cos_sin(rope_ids(n_seq, gh, gw), cfg.axes_dims_rope, cfg.rope_theta)
         if cfg.rope_free_heads:

@@ -134,10 +134,13 @@ class Muddit(nn.Module):
         timestep: jax.Array,
         micro_conds: jax.Array,
         text_keys: jax.Array | None = None,
+        generated_rows: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """MM-DiT on encoded text: ``(image_logits [b, h, w, K], text_logits [b, l, V] | None)``;
-        ``text_keys`` is :func:`text_keys` of the encoded ids."""
-        return self.mmdit(image_ids, context, pooled, timestep, micro_conds, text_keys)
+        ``text_keys`` is :func:`text_keys` of the encoded ids; ``generated_rows`` as in
+        :class:`~muddit_jax.models.mmdit.MMDiT`."""
+        return self.mmdit(image_ids, context, pooled, timestep, micro_conds, text_keys,
+                          generated_rows)
 
     def __call__(
         self,
@@ -145,9 +148,11 @@ class Muddit(nn.Module):
         text_ids: jax.Array,
         timestep: jax.Array,
         micro_conds: jax.Array,
+        generated_rows: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Full forward: ``image_ids [b, h, w]``, ``text_ids [b, l]``, ``timestep [b]`` in [0, 1],
-        ``micro_conds [b, 5]`` -> ``(image_logits, text_logits)``."""
+        ``micro_conds [b, 5]`` -> ``(image_logits, text_logits)``; ``generated_rows`` (static)
+        as in :class:`~muddit_jax.models.mmdit.MMDiT`."""
         context, pooled = self.encode_text(text_ids)
         return self.denoise(image_ids, context, pooled, timestep, micro_conds,
-                            text_keys(self.config, text_ids))
+                            text_keys(self.config, text_ids), generated_rows)

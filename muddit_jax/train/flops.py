@@ -33,8 +33,12 @@ def _mlp(b: int, d_in: int, hidden: int, d_out: int) -> float:
     return 2.0 * b * (d_in * hidden + hidden * d_out)
 
 
-def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int) -> float:
-    """FLOPs of one MM-DiT forward on ``[b, h, w]`` codes and ``[b, text_len]`` text states."""
+def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int,
+                        generated_rows: int | None = None) -> float:
+    """FLOPs of one MM-DiT forward on ``[b, h, w]`` codes and ``[b, text_len]`` text states;
+    ``generated_rows`` as the model takes it (with ``condition_image_input``, ``None`` runs both
+    image input paths on every row, ``n`` upstream's on ``n`` rows and the condition's on the
+    rest)."""
     d, hw, L = cfg.inner_dim, h * w, text_len
     n = hw // cfg.resample_factor ** 2
     s = n + L
@@ -44,17 +48,22 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int)
     if cfg.t5_dim is not None:
         f += 2.0 * b * L * cfg.t5_dim * cfg.joint_attention_dim
     f += 2.0 * b * L * text_in * d  # context_embedder
-    # ConvNeXt blocks: depthwise conv + 4x MLP per code, and the conditioning mapper
-    convnext = 2.0 * b * hw * (cfg.conv_kernel**2 * d + 8 * d * d) + 4.0 * b * d * d
+    # one row's ConvNeXt block: depthwise conv + 4x MLP per code, and the conditioning mapper
+    convnext = 2.0 * hw * (cfg.conv_kernel**2 * d + 8 * d * d) + 4.0 * d * d
     resampled = [hw // 4 ** (k + 1) for k in range(cfg.down_levels)]
 
-    def image_input(conv_blocks: int) -> float:  # conv embed (1x1), convs, 2x2 stride-2, proj.
-        down = sum(2.0 * b * m * 4 * d * d for m in resampled)
-        return 2.0 * b * hw * d * d + conv_blocks * convnext + down + 2.0 * b * n * d * d
+    def image_input(conv_blocks: int, rows: int) -> float:  # conv embed (1x1), convs, 2x2
+        down = sum(2.0 * m * 4 * d * d for m in resampled)   # stride-2, projection
+        return rows * (2.0 * hw * d * d + conv_blocks * convnext + down + 2.0 * n * d * d)
 
-    f += image_input(cfg.conv_blocks) + cfg.conv_blocks * convnext  # and after the up-sampling
-    if cfg.condition_image_input:  # every row runs both paths (one is kept per row)
-        f += image_input(cfg.conv_blocks + cfg.condition_conv_blocks)
+    f += b * cfg.conv_blocks * convnext  # after the up-sampling
+    if not cfg.condition_image_input:
+        f += image_input(cfg.conv_blocks, b)
+    else:  # with generated_rows=None every row runs both paths and keeps one
+        n_gen = b if generated_rows is None else generated_rows
+        n_cond = b if generated_rows is None else b - generated_rows
+        f += image_input(cfg.conv_blocks, n_gen)
+        f += image_input(cfg.conv_blocks + cfg.condition_conv_blocks, n_cond)
     attn = 4.0 * b * s * s * d
     f += cfg.num_layers * (24.0 * b * s * d * d + attn + 24.0 * b * d * d)
     f += cfg.num_single_layers * (24.0 * b * s * d * d + attn + 6.0 * b * d * d)
@@ -106,10 +115,12 @@ def vq_encode_flops(cfg: VQConfig, b: int, height: int, width: int) -> float:
 def train_step_flops(
     cfg: MudditConfig, *, batch: int, grid: int, text_len: int,
     trainable: tuple[str, ...] = ("mmdit",), images: bool = False,
+    generated_rows: int | None = None,
 ) -> float:
-    """Model FLOPs of one training step on ``batch`` examples (see the module docstring)."""
+    """Model FLOPs of one training step on ``batch`` examples (see the module docstring);
+    ``generated_rows`` as :func:`mmdit_forward_flops` takes it."""
     parts = {
-        "mmdit": mmdit_forward_flops(cfg.mmdit, batch, grid, grid, text_len),
+        "mmdit": mmdit_forward_flops(cfg.mmdit, batch, grid, grid, text_len, generated_rows),
         "text_encoder": text_encoder_forward_flops(cfg.text, batch, text_len),
     }
     total = sum((3.0 if name in trainable else 1.0) * f for name, f in parts.items())

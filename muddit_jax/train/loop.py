@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from muddit_jax.diffusion.loss import generated_rows
 from muddit_jax.parallel import distributed
 from muddit_jax.parallel.sharding import host_rows
 from muddit_jax.train.checkpoint import Checkpointer
@@ -170,6 +171,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: Any,
     flops = train_step_flops(
         model, batch=config.data.global_batch, grid=config.data.grid,
         text_len=config.data.text_length, trainable=run.trainable, images=config.data.images,
+        generated_rows=generated_rows(config.loss.mode, config.loss.t2i_fraction,
+                                      config.data.global_batch),
     )
     peak = config.log.peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
     throughput = Throughput(

@@ -33,8 +33,9 @@ EncodeFn = Callable[[Any, Batch], Batch]
 def muddit_loss_fn(nets: Networks, config: LossConfig) -> LossFn:
     """Muddit's diffusion loss over ``{**frozen, **trainable}`` (the VQ is not used here)."""
 
-    def forward(params, image_ids, text_ids, timestep, micro_conds):
-        return nets.muddit.apply({"params": params}, image_ids, text_ids, timestep, micro_conds)
+    def forward(params, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
+        return nets.muddit.apply({"params": params}, image_ids, text_ids, timestep, micro_conds,
+                                 generated_rows)
 
     def loss_fn(trainable, frozen, batch, rng):
         params = {**{k: v for k, v in frozen.items() if k != "vq"}, **trainable}
