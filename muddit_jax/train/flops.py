@@ -52,8 +52,10 @@ def mmdit_forward_flops(cfg: MMDiTConfig, b: int, h: int, w: int, text_len: int,
     convnext = 2.0 * hw * (cfg.conv_kernel**2 * d + 8 * d * d) + 4.0 * d * d
     resampled = [hw // 4 ** (k + 1) for k in range(cfg.down_levels)]
 
-    def image_input(conv_blocks: int, rows: int) -> float:  # conv embed (1x1), convs, 2x2
-        down = sum(2.0 * m * 4 * d * d for m in resampled)   # stride-2, projection
+    # an image input path on ``rows`` rows: 1x1 conv embed, ConvNeXt blocks, 2x2 stride-2
+    # down-sampling convs, projection to the width
+    def image_input(conv_blocks: int, rows: int) -> float:
+        down = sum(2.0 * m * 4 * d * d for m in resampled)
         return rows * (2.0 * hw * d * d + conv_blocks * convnext + down + 2.0 * n * d * d)
 
     f += b * cfg.conv_blocks * convnext  # after the up-sampling
