@@ -17,7 +17,7 @@ from typing import Any
 from bench import common
 
 BENCHMARKS = ("train_step", "sampler", "compile_memory", "scaling", "gpu", "binding",
-              "codes_step", "model_width")
+              "codes_step", "model_width", "image_paths")
 
 
 def run_one(name: str, smoke: bool, out: Path) -> common.Row:
