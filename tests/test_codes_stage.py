@@ -128,7 +128,9 @@ WORKER = """
 import json, sys
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from muddit_jax.parallel import distributed  # stops the runtime in order at exit
+distributed.initialize({"coordinator_address": sys.argv[1], "num_processes": 2,
+                        "process_id": int(sys.argv[2])})
 import ml_collections
 from muddit_jax.train import codes_stage
 from tests.test_codes_stage import batches

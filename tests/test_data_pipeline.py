@@ -256,7 +256,9 @@ import json, sys
 import jax
 import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from muddit_jax.parallel import distributed  # stops the runtime in order at exit
+distributed.initialize({"coordinator_address": sys.argv[1], "num_processes": 2,
+                        "process_id": int(sys.argv[2])})
 from muddit_jax.data.pipeline import DataConfig, make_iterator, to_global
 config = DataConfig.from_dict(json.loads(sys.argv[3]))
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))

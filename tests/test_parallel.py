@@ -101,6 +101,48 @@ def test_distributed_initialize_is_a_noop_for_single_process(monkeypatch) -> Non
     assert np.isscalar(jax.process_count()) and jax.process_count() == 1
 
 
+SHUTDOWN_WORKER = """
+import atexit, sys, time
+import jax
+from muddit_jax.parallel import distributed
+state = jax._src.distributed.global_state
+# runs after the hook initialize() registers and before JAX's own: shows that ours stopped both
+atexit.register(lambda: print("at exit", state.client is None, state.service is None))
+assert distributed.initialize({"coordinator_address": sys.argv[1], "num_processes": 1,
+                               "process_id": 0})
+assert state.client is not None and state.service is not None
+if sys.argv[2] == "explicit":
+    start = time.perf_counter()
+    distributed.shutdown(grace_s=0.5)
+    print(time.perf_counter() - start, state.client is None, state.service is None)
+    distributed.shutdown()  # nothing left to stop
+"""
+
+
+@pytest.mark.parametrize("how", ["explicit", "at_exit"])
+def test_distributed_shutdown_stops_the_service_after_the_clients(how, tmp_path) -> None:
+    """A real 1-process runtime on loopback: :func:`distributed.shutdown` stops the client,
+    waits the grace, then stops the coordinator's service; the exit hook does it on its own."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    script = tmp_path / "worker.py"
+    script.write_text(SHUTDOWN_WORKER)
+    out = subprocess.run([sys.executable, str(script), address, how], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    if how == "explicit":
+        took, client_gone, service_gone = lines[0].split()
+        assert float(took) >= 0.5 and client_gone == service_gone == "True"
+    assert lines[-1] == "at exit True True"
+
+
 def test_launch_scripts() -> None:
     """All launchers parse; the TPU one targets every worker and JAX's cluster detection."""
     import subprocess
