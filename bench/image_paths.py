@@ -19,23 +19,15 @@ import jax
 
 from bench import common
 from bench.codes_step import default_run
-from muddit_jax.diffusion.loss import diffusion_loss
 from muddit_jax.train import config as C
+from muddit_jax.train.step import muddit_loss_fn
 
 
-def grad_fn(run: Any, loss_config: Any, per_row: bool):
-    """Jitted ``(params, batch, rng) -> (loss, grads)`` of the Muddit loss; ``per_row=False``
-    drops the loss's ``generated_rows`` so that every row runs both image input paths."""
-
-    def forward(params, *inputs, generated_rows=None):
-        return run.nets.muddit.apply({"params": params}, *inputs,
-                                     generated_rows if per_row else None)
-
-    def loss(params, batch, rng):
-        return diffusion_loss(forward_fn=forward, params=params, batch=batch, rng=rng,
-                              config=loss_config)[0]
-
-    return jax.jit(jax.value_and_grad(loss))
+def grad_fn(run: Any, state: Any, loss_config: Any, per_row: bool):
+    """Jitted ``(trainable, batch, rng) -> (loss, grads)`` of the trainer's Muddit loss;
+    ``per_row=False`` makes every row run both image input paths."""
+    loss_fn = muddit_loss_fn(run.nets, loss_config, per_row_paths=per_row)
+    return jax.jit(jax.value_and_grad(lambda p, b, r: loss_fn(p, state.frozen, b, r)[0]))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -43,13 +35,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args(argv)
     run, state, batch = default_run(True, args.smoke)
-    params = {**{k: v for k, v in state.frozen.items() if k != "vq"}, **state.params}
     loss_config = C.loss_config(run.config, run.model)
     rng = jax.random.key(0)
     fns, results = {}, {}
     for name, per_row in (("each row's path", True), ("both paths on every row", False)):
-        fn = grad_fn(run, loss_config, per_row)
-        fns[name] = lambda fn=fn: fn(params, batch, rng)
+        fn = grad_fn(run, state, loss_config, per_row)
+        fns[name] = lambda fn=fn: fn(state.params, batch, rng)
         results[name] = fns[name]()
     (loss_a, grads_a), (loss_b, grads_b) = results.values()
     diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(abs(a - b).max()),

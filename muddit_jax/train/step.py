@@ -30,12 +30,16 @@ LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, dict[str, jax.A
 EncodeFn = Callable[[Any, Batch], Batch]
 
 
-def muddit_loss_fn(nets: Networks, config: LossConfig) -> LossFn:
-    """Muddit's diffusion loss over ``{**frozen, **trainable}`` (the VQ is not used here)."""
+def muddit_loss_fn(nets: Networks, config: LossConfig, per_row_paths: bool = True) -> LossFn:
+    """Muddit's diffusion loss over ``{**frozen, **trainable}`` (the VQ is not used here).
+
+    ``per_row_paths=False`` drops the loss's ``generated_rows``, so that every row runs both
+    image input paths (the model's fallback; ``bench.image_paths`` compares the two).
+    """
 
     def forward(params, image_ids, text_ids, timestep, micro_conds, generated_rows=None):
         return nets.muddit.apply({"params": params}, image_ids, text_ids, timestep, micro_conds,
-                                 generated_rows)
+                                 generated_rows if per_row_paths else None)
 
     def loss_fn(trainable, frozen, batch, rng):
         params = {**{k: v for k, v in frozen.items() if k != "vq"}, **trainable}
