@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from muddit_jax.cli import host_env
+from muddit_jax.cli.host_env import HOST_ENV
 from muddit_jax.models.mmdit import MMDiTConfig, unstack_block_params
 from muddit_jax.models.muddit import Muddit, MudditConfig
 from muddit_jax.models.text_encoder import CLIPTextConfig
@@ -41,15 +43,6 @@ from muddit_jax.models.vq import DOWN_BLOCK, UP_BLOCK, VQConfig
 
 Row = dict[str, Any]
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-# glibc serves XLA's per-execution temp buffer (hundreds of MB) with a fresh mmap from the
-# executing thread's arena, so every step page-faults it in again (~60k faults, ~0.1 CPU-s per
-# small train step here). One arena + no trimming/mmap for big blocks keeps it resident.
-HOST_ENV = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(2**32),
-    "MALLOC_TRIM_THRESHOLD_": str(2**32),
-}
 
 # ---------------------------------------------------------------------------------------------
 # CLI, machine, output
@@ -64,15 +57,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def reexec_with_host_env(module: str) -> None:
-    """Re-run ``python -m module argv...`` with :data:`HOST_ENV` unless already set (or
-    ``--default-malloc`` is given). glibc reads these only at start-up; call from ``__main__``."""
+    """Re-run ``python -m module argv...`` with :data:`HOST_ENV` (the trainer's allocator
+    settings) unless ``--default-malloc`` is given; call from ``__main__``."""
     if "--default-malloc" in sys.argv:
         sys.argv.remove("--default-malloc")
         return
-    if all(os.environ.get(k) == v for k, v in HOST_ENV.items()):
-        return
-    env = {**os.environ, **HOST_ENV}
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    host_env.reexec_with_host_env(module, sys.argv[1:])
 
 
 def machine() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from absl import flags
 
-from muddit_jax.cli import config_args
+from muddit_jax.cli import config_args, host_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
         flags.DEFINE_bool("ema", False, "evaluate the EMA params", flag_values=fv)
 
+    if argv is None:  # the console script: glibc settings first (cli/host_env.py)
+        host_env.reexec_with_host_env("muddit_jax.cli.eval", sys.argv[1:])
     fv = config_args.parse("muddit-eval", argv, define)
     if fv is None:
         return 2
