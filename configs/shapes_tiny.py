@@ -8,7 +8,7 @@ channels, EMA codebook with dead-code restart; 1,500 steps at batch 16), then th
 (Meissonic's 2x down/up-sampling: its blocks run on 8 x 8) and the text encoder from scratch
 with the ELBO on a mixture of T2I, captioning and VQA rows (4,200 steps at batch 32, width 64),
 reading the training images as VQ codes encoded once after the VQ stage (``data.pretokenize``,
-BENCHMARKS.md §1.17). About 35 minutes in all on 2 cores, 24 of them the MM-DiT (§1.42); 3,400
+BENCHMARKS.md §1.17). About 33 minutes in all on 2 cores, 22 of them the MM-DiT (§1.44); 3,400
 steps would save 5 but lose a fifth of the held-out caption score (BENCHMARKS.md §1.39, §1.40).
 Clean images (the captioning / VQA condition) take an input path of their own with two ConvNeXt
 blocks on the code grid, which answers held-out shape questions and captions them far better
