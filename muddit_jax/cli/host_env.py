@@ -2,10 +2,11 @@
 
 XLA on CPU takes each execution's temporary buffers (hundreds of MB for a train step) from
 glibc's ``malloc``. With glibc's defaults, many per-thread arenas hand those pages back to the
-kernel and fault them in again on the next step. On the default run (2 cores) that is about
-6 million page faults and 12.5 s of kernel CPU in every 20 s, against 0.2 million and 1.7 s with
-one arena that never trims (BENCHMARKS.md §1.44). glibc reads these variables only at start-up,
-so a CLI re-executes itself once with them set.
+kernel and fault them in again on the next step. In the default run's MM-DiT stage (2 cores)
+that is 4.5 million page faults and 10 s of kernel CPU in every 20 s, against 0.2 million and
+1.4 s with one arena that never trims: the whole run takes 33.3 instead of 35.6 minutes
+(BENCHMARKS.md §1.44). glibc reads these variables only at start-up, so a CLI re-executes itself
+once with them set.
 """
 
 from __future__ import annotations
