@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,13 @@ def compile_cache_env(cache_dir: Any, min_compile_s: float) -> dict[str, str]:
     return dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(min_compile_s),
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def loopback_address() -> str:
+    """``127.0.0.1:PORT`` with a port free now, for a test's JAX distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def to_numpy(x: Any) -> np.ndarray:

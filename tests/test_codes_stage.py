@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from muddit_jax.train import codes_stage
 from muddit_jax.train import config as C
 from muddit_jax.train.data import mixture_config
 from muddit_jax.train.run import abstract_batch
+from tests.helpers import loopback_address
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"num_train": 24, "num_validation": 4, "num_test": 4}
@@ -145,9 +145,7 @@ def test_two_processes_share_the_shards(env, tmp_path):
     """Real 2-process JAX (CPU, gloo, loopback): each host encodes its shards, the metadata is
     written once all exist, and both hosts then read the codes one process writes."""
     root, c, _, _ = env
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = loopback_address()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env_vars = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))

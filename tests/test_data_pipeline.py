@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from muddit_jax.data import pipeline, registry, text
 from muddit_jax.data.pipeline import DataConfig, make_iterator
 from muddit_jax.data.schema import SkippedExamplesWarning
+from tests.helpers import loopback_address
 
 SHAPES = dict(num_train=24, num_validation=4, num_test=4)
 
@@ -280,9 +280,7 @@ def test_two_processes_assemble_the_global_batch(env, tmp_path):
     equal the single-host batches row for row, every record once per epoch."""
     config, tok, _ = env
     config = dataclasses.replace(config, num_epochs=1, build=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = loopback_address()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env_vars = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -13,6 +13,7 @@ from muddit_jax.parallel import distributed
 from muddit_jax.parallel.mesh import MeshConfig, create_mesh, fill_sizes
 from muddit_jax.parallel.rules import DEFAULT_RULES, PRESETS, get_rules
 from muddit_jax.parallel.sharding import batch_sharding, host_rows, mesh_spec
+from tests.helpers import loopback_address
 
 MESH = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2})
 FSDP8 = types.SimpleNamespace(shape={"data": 1, "fsdp": 8, "tensor": 1})
@@ -124,13 +125,10 @@ def test_distributed_shutdown_stops_the_service_after_the_clients(how, tmp_path)
     """A real 1-process runtime on loopback: :func:`distributed.shutdown` stops the client,
     waits the grace, then stops the coordinator's service; the exit hook does it on its own."""
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = loopback_address()
     script = tmp_path / "worker.py"
     script.write_text(SHUTDOWN_WORKER)
     out = subprocess.run([sys.executable, str(script), address, how], capture_output=True,
