@@ -33,7 +33,7 @@ SERVICE_GRACE_S = 2.0
 def shutdown(grace_s: float = SERVICE_GRACE_S) -> None:
     """Stop the distributed runtime: every process's client (JAX's shutdown barrier), then,
     on the coordinator, the service ``grace_s`` later. A no-op when nothing is running."""
-    state = getattr(jax._src.distributed, "global_state", None)
+    state = getattr(getattr(jax._src, "distributed", None), "global_state", None)  # private
     service = getattr(state, "service", None)
     if service is not None:
         state.service = None  # jax.distributed.shutdown then stops only the client
